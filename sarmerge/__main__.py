@@ -1,0 +1,5 @@
+import sys
+
+from sarmerge.cli import main
+
+sys.exit(main())

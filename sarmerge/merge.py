@@ -1,0 +1,330 @@
+"""The merge engine: preflight every input, then stream tensor by tensor through the method into sharded output.
+
+Three stages overlap: a loader thread reads the next tensor group, the main thread merges the current one, and a
+writer thread streams the previous one to disk. Input files are hashed (for the manifest) in the background.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import subprocess
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from sarmerge import __version__
+from sarmerge.checkpoint import (
+    DTYPE_CODES,
+    FLOAT_CODES,
+    SAFETENSORS_DTYPES,
+    Checkpoint,
+    ShardedWriter,
+    atomic_output_dir,
+    copy_aux_files,
+    parse_size,
+    sha256_file,
+)
+from sarmerge.config import MergeConfig, load_config
+from sarmerge.errors import SarmergeError
+from sarmerge.fisher_store import FisherStore
+from sarmerge.methods import TensorGroup
+
+log = logging.getLogger(__name__)
+TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class Inputs:
+    base: Checkpoint | None
+    models: list[Checkpoint]
+    fishers: list[FisherStore | None]
+    names: list[str] = field(default_factory=list)
+
+    @property
+    def reference(self) -> Checkpoint:
+        return self.base or self.models[0]
+
+    def all(self) -> list[Checkpoint]:
+        return ([self.base] if self.base else []) + self.models
+
+    def close(self) -> None:
+        for c in self.all():
+            c.close()
+        for f in self.fishers:
+            if f:
+                f.close()
+
+
+def _tokenizer_vocab(ckpt: Checkpoint) -> int | None:
+    f = ckpt.path / "tokenizer.json"
+    if not f.is_file():
+        return None
+    try:
+        tok = json.loads(f.read_text())
+        vocab = tok.get("model", {}).get("vocab", {})
+        return len(vocab) + len({a["id"] for a in tok.get("added_tokens", [])} - set(vocab.values()))
+    except (json.JSONDecodeError, AttributeError, KeyError, TypeError) as e:
+        raise SarmergeError(f"{f}: unreadable tokenizer: {e}") from e
+
+
+def preflight(cfg: MergeConfig, *, allow_pickle: bool = False) -> Inputs:
+    """Open and cross-check every input before any merging; raise one clear SarmergeError on the first problem."""
+    base = Checkpoint(cfg.base_model, allow_pickle=allow_pickle) if cfg.base_model else None
+    models = [Checkpoint(e.model, allow_pickle=allow_pickle) for e in cfg.models]
+    inputs = Inputs(base, models, [])
+    ref = inputs.reference
+    for other in inputs.all():
+        if other is ref:
+            continue
+        missing = [n for n in ref.names if n not in other.tensors]
+        extra = [n for n in other.names if n not in ref.tensors]
+        if missing or extra:
+            what = f"lacks tensor {missing[0]!r}" if missing else f"has extra tensor {extra[0]!r}"
+            more = len(missing) + len(extra) - 1
+            raise SarmergeError(
+                f"{other.path}: {what} compared with {ref.path}" + (f" (and {more} more differences)" if more else "")
+            )
+        for n in ref.names:
+            a, b = ref.tensors[n], other.tensors[n]
+            if a.shape != b.shape:
+                raise SarmergeError(
+                    f"{b.file}: tensor {n!r} has shape {list(b.shape)} but {a.file} has {list(a.shape)}"
+                )
+            if a.dtype != b.dtype:
+                raise SarmergeError(f"{b.file}: tensor {n!r} has dtype {b.dtype} but {a.file} has {a.dtype}")
+        for key in ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers"):
+            va, vb = ref.config.get(key), other.config.get(key)
+            if va is not None and vb is not None and va != vb:
+                raise SarmergeError(f"{other.path / 'config.json'}: {key} = {vb!r} but {ref.path} has {va!r}")
+        va, vb = _tokenizer_vocab(ref), _tokenizer_vocab(other)
+        if va is not None and vb is not None and va != vb:
+            raise SarmergeError(
+                f"{other.path / 'tokenizer.json'}: vocabulary has {vb} tokens but {ref.path} has {va}"
+            )
+    inputs.names = list(ref.names)
+    for e in cfg.models:
+        store = FisherStore(e.fisher) if e.fisher else None
+        if store is not None:
+            if cfg.spec.fisher == "dense" and store.layout != "dense":
+                raise SarmergeError(
+                    f"{store.path}: stores Fisher on the update support only; method {cfg.method!r} needs dense "
+                    "Fisher (recompute without --support-of)"
+                )
+            for n in inputs.names:
+                if ref.tensors[n].dtype in FLOAT_CODES:
+                    store.check_matches(n, ref.tensors[n].shape)
+        inputs.fishers.append(store)
+    return inputs
+
+
+def tensor_seed(seed: int, name: str) -> int:
+    """Per-tensor RNG seed: reproducible regardless of processing order, threads or device."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") & ((1 << 63) - 1)
+
+
+def _git_revision() -> str:
+    try:
+        root = Path(__file__).resolve().parent.parent
+        out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return "unknown"
+
+
+class _Merger:
+    def __init__(self, cfg: MergeConfig, inputs: Inputs, device: torch.device) -> None:
+        self.cfg, self.inputs, self.device = cfg, inputs, device
+        self.compute = TORCH_DTYPES[cfg.dtype]
+
+    def load(self, name: str) -> dict:
+        """Read one tensor name from every input (runs on the loader thread)."""
+        ins = self.inputs
+        return {
+            "base": ins.base.read(name) if ins.base else None,
+            "models": [m.read(name) for m in ins.models],
+        }
+
+    def merge(self, name: str, raw: dict) -> torch.Tensor:
+        ref_info = self.inputs.reference.tensors[name]
+        out_dtype = TORCH_DTYPES[self.cfg.out_dtype] if self.cfg.out_dtype else SAFETENSORS_DTYPES[ref_info.dtype]
+        if ref_info.dtype not in FLOAT_CODES:
+            # Integer/bool buffers are not weights: carry them over from the reference unchanged.
+            return raw["base"] if raw["base"] is not None else raw["models"][0]
+        dev = lambda t: t.to(self.device, self.compute, non_blocking=True)  # noqa: E731
+        base = dev(raw["base"]) if raw["base"] is not None else None
+        models = [dev(t) for t in raw["models"]]
+        group = TensorGroup(
+            name=name,
+            base=base,
+            models=models,
+            weights=[e.weight for e in self.cfg.models],
+            densities=[e.density for e in self.cfg.models],
+            generator=torch.Generator().manual_seed(tensor_seed(self.cfg.seed, name)),
+        )
+        if any(self.inputs.fishers):
+            # The support mask is defined on the fp32 task vector, whatever the compute dtype.
+            b32 = raw["base"].to(self.device, torch.float32) if raw["base"] is not None else None
+            group.fishers = [
+                f.dense(name, m.to(self.device, torch.float32) - b32 if b32 is not None else None).to(self.compute)
+                if f else None
+                for f, m in zip(self.inputs.fishers, raw["models"], strict=True)
+            ]
+        merged = self.cfg.spec.fn(group, self.cfg.params_for(name))
+        if not bool(torch.isfinite(merged).all()):
+            raise SarmergeError(f"tensor {name!r}: method {self.cfg.method!r} produced NaN/Inf (check its parameters)")
+        return merged.to("cpu", out_dtype)
+
+
+def run_merge(
+    cfg: MergeConfig,
+    out: str | Path,
+    *,
+    device: str = "cpu",
+    threads: int | None = None,
+    out_shard_size: str | int = "5GB",
+    overwrite: bool = False,
+    allow_pickle: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Merge per `cfg` into `out` atomically; returns the manifest."""
+    t0 = time.perf_counter()
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise SarmergeError(f"--device {device}: CUDA is not available on this machine")
+    if threads:
+        torch.set_num_threads(threads)
+    shard_bytes = parse_size(out_shard_size)
+    out = Path(out)
+    inputs = preflight(cfg, allow_pickle=allow_pickle)
+    t_pre = time.perf_counter() - t0
+    try:
+        ref = inputs.reference
+        code = lambda n: DTYPE_CODES[TORCH_DTYPES[cfg.out_dtype]] if cfg.out_dtype and ref.tensors[n].dtype in FLOAT_CODES else ref.tensors[n].dtype  # noqa: E731
+        plan = [(n, ref.tensors[n].shape, code(n)) for n in inputs.names]
+        merger = _Merger(cfg, inputs, torch.device(device))
+        to_hash = [(role, c) for role, c in (("base", inputs.base),) if c] + [("model", m) for m in inputs.models]
+        with atomic_output_dir(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(2) as hasher, \
+                ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer_pool:
+            hashes = {str(f): hasher.submit(sha256_file, f) for _, c in to_hash for f in c.files}
+            for store in inputs.fishers:
+                if store:
+                    hashes.update({str(f): hasher.submit(sha256_file, f) for f in store.ckpt.files})
+            writer = ShardedWriter(tmp, plan, shard_bytes, {"sarmerge.method": cfg.method})
+            names = inputs.names
+            pending: Future | None = None
+            next_load = loader.submit(merger.load, names[0]) if names else None
+            t_merge = time.perf_counter()
+            bar = tqdm(total=sum(ref.tensors[n].nbytes for n in names), unit="B", unit_scale=True,
+                       desc=f"merge {cfg.method}", disable=not progress)
+            for i, name in enumerate(names):
+                raw = next_load.result()
+                next_load = loader.submit(merger.load, names[i + 1]) if i + 1 < len(names) else None
+                merged = merger.merge(name, raw)
+                del raw
+                if pending is not None:
+                    pending.result()
+                pending = writer_pool.submit(writer.write, name, merged)
+                bar.update(ref.tensors[name].nbytes)
+            if pending is not None:
+                pending.result()
+            writer.close()
+            bar.close()
+            t_merge = time.perf_counter() - t_merge
+            tok_src = Path(cfg.tokenizer) if cfg.tokenizer else ref.path
+            aux = copy_aux_files(tok_src, tmp, out_dtype=cfg.out_dtype) if tok_src.is_dir() else []
+            th = time.perf_counter()
+            digests = {f: fut.result() for f, fut in hashes.items()}
+            t_hash_wait = time.perf_counter() - th
+            manifest = {
+                "sarmerge_version": __version__,
+                "git_revision": _git_revision(),
+                "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
+                "method": cfg.method,
+                "config": cfg.resolved(),
+                "seed": cfg.seed,
+                "inputs": [
+                    {"role": role, "path": str(c.path),
+                     "files": [{"name": f.name, "sha256": digests[str(f)], "bytes": f.stat().st_size} for f in c.files]}
+                    for role, c in to_hash
+                ],
+                "fisher": [
+                    {"model": e.model, "path": str(s.path), "layout": s.layout,
+                     "metadata": {k: v for k, v in s.metadata.items() if k != "format"},
+                     "files": [{"name": f.name, "sha256": digests[str(f)]} for f in s.ckpt.files]}
+                    for e, s in zip(cfg.models, inputs.fishers, strict=True) if s
+                ],
+                "output": {"files": writer.shard_names, "total_bytes": writer.total_size, "tensors": len(names),
+                           "copied": aux},
+                "runtime": {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads()},
+                "timings_s": {"preflight": round(t_pre, 3), "merge": round(t_merge, 3),
+                              "hash_wait": round(t_hash_wait, 3), "total": round(time.perf_counter() - t0, 3)},
+            }
+            (tmp / "merge_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+            (tmp / "README.md").write_text(model_card(manifest))
+    finally:
+        inputs.close()
+    log.info("merged %d tensors with %s into %s in %.1fs", len(inputs.names), cfg.method, out, time.perf_counter() - t0)
+    return manifest
+
+
+def model_card(m: dict) -> str:
+    cfg = m["config"]
+    rows = "\n".join(
+        f"| {e['model']} | {e['weight']} | {e['density'] if e['density'] is not None else ''} | {e['fisher'] or ''} |"
+        for e in cfg["models"]
+    )
+    params = "\n".join(f"| `{k}` | `{v}` |" for k, v in cfg["parameters"].items()) or "| (none) | |"
+    return f"""---
+library_name: transformers
+tags: [merge, sarmerge, {m['method']}]
+---
+# Merged model ({m['method']})
+
+Produced by [sarmerge](https://pypi.org/project/sarmerge/) {m['sarmerge_version']} (revision `{m['git_revision']}`)
+on {m['created_at']}. Base model: `{cfg['base_model']}`. Seed: {m['seed']}.
+
+| model | weight | density | fisher |
+|---|---|---|---|
+{rows}
+
+| parameter | value |
+|---|---|
+{params}
+
+Per-tensor overrides: {len(cfg['overrides'])}. Compute dtype `{cfg['dtype']}`, output dtype
+`{cfg['out_dtype'] or 'as input'}`. Every input file's sha256, the full resolved config and timings are in
+`merge_manifest.json`.
+"""
+
+
+def add_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("merge", help="merge checkpoints as a YAML config says", description=__doc__)
+    p.add_argument("config", type=Path, help="merge YAML (method, base_model, models, parameters, ...)")
+    p.add_argument("out", type=Path, help="output directory (created atomically)")
+    p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--out-shard-size", default="5GB", help="max bytes per output shard, e.g. 500MB (default 5GB)")
+    p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
+    p.add_argument("--allow-pickle", action="store_true", help="allow .bin/.pt pickle checkpoints (runs code!)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cli)
+
+
+def _cli(args: argparse.Namespace) -> int:
+    cfg = load_config(args.config)
+    m = run_merge(cfg, args.out, device=args.device, threads=args.threads, out_shard_size=args.out_shard_size,
+                  overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.no_progress)
+    print(f"merged {m['output']['tensors']} tensors with {m['method']} into {args.out} "
+          f"({m['output']['total_bytes'] / 1e6:.1f} MB, {m['timings_s']['total']:.1f}s)")
+    return 0

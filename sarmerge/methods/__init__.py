@@ -1,0 +1,117 @@
+"""The one registry of merge methods.
+
+A method is a pure function over the aligned tensors of one parameter name (a `TensorGroup`) plus its validated
+parameters, registered with `@merge_method`. Adding a method is adding one module to this package.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict
+
+from sarmerge.errors import SarmergeError
+
+
+class Params(BaseModel):
+    """Base of every method's parameter schema: unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+
+@dataclass
+class TensorGroup:
+    """Everything a method sees for one tensor name: inputs in the compute dtype, on the compute device."""
+
+    name: str
+    base: torch.Tensor | None
+    models: list[torch.Tensor]
+    weights: list[float]
+    densities: list[float | None]
+    fishers: list[torch.Tensor | None] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+    @cached_property
+    def deltas(self) -> list[torch.Tensor]:
+        """Task vectors τ_t = θ_t − θ₀."""
+        if self.base is None:
+            raise SarmergeError(f"{self.name}: this method needs base_model")
+        return [m - self.base for m in self.models]
+
+    def density(self, i: int, default: float) -> float:
+        d = self.densities[i]
+        return default if d is None else d
+
+    def rand(self, shape: torch.Size) -> torch.Tensor:
+        """Uniform [0,1) draws from this tensor's own seeded CPU generator (reproducible on any device)."""
+        return torch.rand(shape, generator=self.generator).to(self.models[0].device)
+
+
+MethodFn = Callable[[TensorGroup, Any], torch.Tensor]
+
+
+@dataclass(frozen=True)
+class MergeMethod:
+    name: str
+    fn: MethodFn
+    params: type[Params]
+    needs_base: bool
+    fisher: Literal["none", "any", "dense"]
+    min_models: int
+    max_models: int | None
+    description: str
+
+
+REGISTRY: dict[str, MergeMethod] = {}
+
+
+def merge_method(
+    name: str,
+    *,
+    params: type[Params] = Params,
+    needs_base: bool = True,
+    fisher: Literal["none", "any", "dense"] = "none",
+    min_models: int = 1,
+    max_models: int | None = None,
+) -> Callable[[MethodFn], MethodFn]:
+    """Register `fn(group, params) -> merged tensor` under `name`."""
+
+    def register(fn: MethodFn) -> MethodFn:
+        if name in REGISTRY:
+            raise RuntimeError(f"merge method {name!r} registered twice")
+        doc = (fn.__doc__ or "").strip().splitlines()
+        REGISTRY[name] = MergeMethod(name, fn, params, needs_base, fisher, min_models, max_models, doc[0] if doc else "")
+        return fn
+
+    return register
+
+
+_loaded = False
+
+
+def _load_all() -> None:
+    global _loaded
+    if not _loaded:
+        for mod in pkgutil.iter_modules(__path__):
+            if not mod.name.startswith("_"):
+                importlib.import_module(f"{__name__}.{mod.name}")
+        _loaded = True
+
+
+def get_method(name: str) -> MergeMethod:
+    _load_all()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise SarmergeError(f"unknown merge method {name!r}; choose one of: {', '.join(sorted(REGISTRY))}") from None
+
+
+def all_methods() -> dict[str, MergeMethod]:
+    _load_all()
+    return dict(sorted(REGISTRY.items()))

