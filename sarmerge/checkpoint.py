@@ -92,7 +92,9 @@ def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
                 raise SarmergeError(f"{path}: not a safetensors file (only {size} bytes)")
             (n,) = struct.unpack("<Q", head)
             if n > _MAX_HEADER or 8 + n > size:
-                raise SarmergeError(f"{path}: corrupt or truncated safetensors header (header length {n}, file {size} bytes)")
+                raise SarmergeError(
+                    f"{path}: corrupt or truncated safetensors header (header length {n}, file {size} bytes)"
+                )
             raw = f.read(n)
     except OSError as e:
         raise SarmergeError(f"{path}: cannot read: {e.strerror}") from e
@@ -144,11 +146,11 @@ class Checkpoint:
         self.path = Path(path)
         self._pickled: dict[str, torch.Tensor] | None = None
         self._fds: dict[Path, int] = {}
+        self.tensors: dict[str, TensorInfo] = {}
+        self.metadata: dict[str, str] = {}
         if not self.path.exists():
             raise SarmergeError(f"{self.path}: no such checkpoint")
         self.files = self._weight_files(allow_pickle)
-        self.tensors: dict[str, TensorInfo] = {}
-        self.metadata: dict[str, str] = {}
         if self._pickled is None:
             self._index_tensors()
         self.config = self._read_json("config.json")
@@ -206,14 +208,18 @@ class Checkpoint:
             self.metadata.update(meta)
             for name, info in infos.items():
                 if name in self.tensors:
-                    raise SarmergeError(f"{self.path}: tensor {name!r} appears in both {self.tensors[name].file.name} and {f.name}")
+                    raise SarmergeError(
+                        f"{self.path}: tensor {name!r} appears in both {self.tensors[name].file.name} and {f.name}"
+                    )
                 self.tensors[name] = info
         weight_map = getattr(self, "_index_map", None)
         if weight_map is not None:
             for name, fname in weight_map.items():
                 info = self.tensors.get(name)
                 if info is None or info.file.name != fname:
-                    raise SarmergeError(f"{self.path / INDEX_FILE}: tensor {name!r} is listed in {fname} but not found there")
+                    raise SarmergeError(
+                        f"{self.path / INDEX_FILE}: tensor {name!r} is listed in {fname} but not found there"
+                    )
 
     @property
     def names(self) -> list[str]:
@@ -319,7 +325,9 @@ class ShardedWriter:
     def write(self, name: str, tensor: torch.Tensor) -> None:
         shard, (planned, shape, code) = next(self._queue)
         if name != planned or tuple(tensor.shape) != shape or DTYPE_CODES[tensor.dtype] != code:
-            raise RuntimeError(f"writer got {name} {tuple(tensor.shape)} {tensor.dtype}, planned {planned} {shape} {code}")
+            raise RuntimeError(
+                f"writer got {name} {tuple(tensor.shape)} {tensor.dtype}, planned {planned} {shape} {code}"
+            )
         if shard != self._current:
             self._open(shard)
         data = tensor.detach().to("cpu").contiguous().reshape(-1)

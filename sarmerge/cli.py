@@ -19,11 +19,14 @@ from sarmerge.errors import SarmergeError
 COMMANDS = {
     "merge": "sarmerge.merge",
     "methods": "sarmerge.methods_cli",
+    "analyze": "sarmerge.analysis.cli",
 }
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="sarmerge", description="Merge RLVR checkpoints with SAR-Merging and friends.")
+    parser = argparse.ArgumentParser(
+        prog="sarmerge", description="Merge RLVR checkpoints with SAR-Merging and friends."
+    )
     parser.add_argument("--version", action="version", version=f"sarmerge {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -43,7 +46,9 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
+    )
     try:
         return int(args.func(args) or 0)
     except SarmergeError as e:

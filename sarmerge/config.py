@@ -52,7 +52,9 @@ class MergeConfig(BaseModel):
     dtype: DType = Field("float32", description="compute dtype")
     out_dtype: DType | None = Field(None, description="output dtype; default: each tensor's input dtype")
     seed: int = 0
-    tokenizer: str | None = Field(None, description="checkpoint whose config/tokenizer files are copied (default: base)")
+    tokenizer: str | None = Field(
+        None, description="checkpoint whose config/tokenizer files are copied (default: base)"
+    )
 
     @field_validator("method")
     @classmethod
@@ -136,8 +138,9 @@ def parse_config(raw: Any, *, source: str = "config", root: Path | None = None) 
     except ValidationError as e:
         raise SarmergeError(_describe(e, source)) from None
     if root is not None:
+
         def fix(p: str | None) -> str | None:
-            return None if p is None or Path(p).is_absolute() else str((root / p).resolve())
+            return p if p is None or Path(p).is_absolute() else str((root / p).resolve())
 
         cfg.base_model = fix(cfg.base_model)
         cfg.tokenizer = fix(cfg.tokenizer)

@@ -48,7 +48,9 @@ class FisherStore:
             raise SarmergeError(f"{self.path}: Fisher has no tensor {name!r} (was it computed for this model?)")
         stored = self.ckpt.tensors[name].shape
         if self.layout == "dense" and stored != shape:
-            raise SarmergeError(f"{self.path}: Fisher tensor {name!r} has shape {list(stored)}, model has {list(shape)}")
+            raise SarmergeError(
+                f"{self.path}: Fisher tensor {name!r} has shape {list(stored)}, model has {list(shape)}"
+            )
         if self.layout == "support" and len(stored) != 1:
             raise SarmergeError(f"{self.path}: support-layout Fisher tensor {name!r} must be 1-D, got {list(stored)}")
 
@@ -57,7 +59,9 @@ class FisherStore:
         if self.layout == "dense":
             return values
         if tau is None:
-            raise SarmergeError(f"{self.path}: stores Fisher on the update support only; this method needs dense Fisher")
+            raise SarmergeError(
+                f"{self.path}: stores Fisher on the update support only; this method needs dense Fisher"
+            )
         mask = support_mask(tau, self.epsilon)
         count = int(mask.sum())
         if count != values.numel():

@@ -38,7 +38,12 @@ from sarmerge.fisher_store import FisherStore
 from sarmerge.methods import TensorGroup
 
 log = logging.getLogger(__name__)
-TORCH_DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {
+    "float32": torch.float32,
+    "float64": torch.float64,
+    "bfloat16": torch.bfloat16,
+    "float16": torch.float16,
+}
 
 
 @dataclass
@@ -106,9 +111,7 @@ def preflight(cfg: MergeConfig, *, allow_pickle: bool = False) -> Inputs:
                 raise SarmergeError(f"{other.path / 'config.json'}: {key} = {vb!r} but {ref.path} has {va!r}")
         va, vb = _tokenizer_vocab(ref), _tokenizer_vocab(other)
         if va is not None and vb is not None and va != vb:
-            raise SarmergeError(
-                f"{other.path / 'tokenizer.json'}: vocabulary has {vb} tokens but {ref.path} has {va}"
-            )
+            raise SarmergeError(f"{other.path / 'tokenizer.json'}: vocabulary has {vb} tokens but {ref.path} has {va}")
     inputs.names = list(ref.names)
     for e in cfg.models:
         store = FisherStore(e.fisher) if e.fisher else None
@@ -135,8 +138,12 @@ def _git_revision() -> str:
         root = Path(__file__).resolve().parent.parent
         out = subprocess.run(["git", "-C", str(root), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if out.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(root), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
             return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -178,7 +185,8 @@ class _Merger:
             b32 = raw["base"].to(self.device, torch.float32) if raw["base"] is not None else None
             group.fishers = [
                 f.dense(name, m.to(self.device, torch.float32) - b32 if b32 is not None else None).to(self.compute)
-                if f else None
+                if f
+                else None
                 for f, m in zip(self.inputs.fishers, raw["models"], strict=True)
             ]
         merged = self.cfg.spec.fn(group, self.cfg.params_for(name))
@@ -210,12 +218,19 @@ def run_merge(
     t_pre = time.perf_counter() - t0
     try:
         ref = inputs.reference
-        code = lambda n: DTYPE_CODES[TORCH_DTYPES[cfg.out_dtype]] if cfg.out_dtype and ref.tensors[n].dtype in FLOAT_CODES else ref.tensors[n].dtype  # noqa: E731
-        plan = [(n, ref.tensors[n].shape, code(n)) for n in inputs.names]
+        out_code = DTYPE_CODES[TORCH_DTYPES[cfg.out_dtype]] if cfg.out_dtype else None
+        plan = [
+            (n, t.shape, out_code if out_code and t.dtype in FLOAT_CODES else t.dtype)
+            for n, t in ((n, ref.tensors[n]) for n in inputs.names)
+        ]
         merger = _Merger(cfg, inputs, torch.device(device))
         to_hash = [(role, c) for role, c in (("base", inputs.base),) if c] + [("model", m) for m in inputs.models]
-        with atomic_output_dir(out, overwrite=overwrite) as tmp, ThreadPoolExecutor(2) as hasher, \
-                ThreadPoolExecutor(1) as loader, ThreadPoolExecutor(1) as writer_pool:
+        with (
+            atomic_output_dir(out, overwrite=overwrite) as tmp,
+            ThreadPoolExecutor(2) as hasher,
+            ThreadPoolExecutor(1) as loader,
+            ThreadPoolExecutor(1) as writer_pool,
+        ):
             hashes = {str(f): hasher.submit(sha256_file, f) for _, c in to_hash for f in c.files}
             for store in inputs.fishers:
                 if store:
@@ -225,8 +240,13 @@ def run_merge(
             pending: Future | None = None
             next_load = loader.submit(merger.load, names[0]) if names else None
             t_merge = time.perf_counter()
-            bar = tqdm(total=sum(ref.tensors[n].nbytes for n in names), unit="B", unit_scale=True,
-                       desc=f"merge {cfg.method}", disable=not progress)
+            bar = tqdm(
+                total=sum(ref.tensors[n].nbytes for n in names),
+                unit="B",
+                unit_scale=True,
+                desc=f"merge {cfg.method}",
+                disable=not progress,
+            )
             for i, name in enumerate(names):
                 raw = next_load.result()
                 next_load = loader.submit(merger.load, names[i + 1]) if i + 1 < len(names) else None
@@ -254,21 +274,39 @@ def run_merge(
                 "config": cfg.resolved(),
                 "seed": cfg.seed,
                 "inputs": [
-                    {"role": role, "path": str(c.path),
-                     "files": [{"name": f.name, "sha256": digests[str(f)], "bytes": f.stat().st_size} for f in c.files]}
+                    {
+                        "role": role,
+                        "path": str(c.path),
+                        "files": [
+                            {"name": f.name, "sha256": digests[str(f)], "bytes": f.stat().st_size} for f in c.files
+                        ],
+                    }
                     for role, c in to_hash
                 ],
                 "fisher": [
-                    {"model": e.model, "path": str(s.path), "layout": s.layout,
-                     "metadata": {k: v for k, v in s.metadata.items() if k != "format"},
-                     "files": [{"name": f.name, "sha256": digests[str(f)]} for f in s.ckpt.files]}
-                    for e, s in zip(cfg.models, inputs.fishers, strict=True) if s
+                    {
+                        "model": e.model,
+                        "path": str(s.path),
+                        "layout": s.layout,
+                        "metadata": {k: v for k, v in s.metadata.items() if k != "format"},
+                        "files": [{"name": f.name, "sha256": digests[str(f)]} for f in s.ckpt.files],
+                    }
+                    for e, s in zip(cfg.models, inputs.fishers, strict=True)
+                    if s
                 ],
-                "output": {"files": writer.shard_names, "total_bytes": writer.total_size, "tensors": len(names),
-                           "copied": aux},
+                "output": {
+                    "files": writer.shard_names,
+                    "total_bytes": writer.total_size,
+                    "tensors": len(names),
+                    "copied": aux,
+                },
                 "runtime": {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads()},
-                "timings_s": {"preflight": round(t_pre, 3), "merge": round(t_merge, 3),
-                              "hash_wait": round(t_hash_wait, 3), "total": round(time.perf_counter() - t0, 3)},
+                "timings_s": {
+                    "preflight": round(t_pre, 3),
+                    "merge": round(t_merge, 3),
+                    "hash_wait": round(t_hash_wait, 3),
+                    "total": round(time.perf_counter() - t0, 3),
+                },
             }
             (tmp / "merge_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
             (tmp / "README.md").write_text(model_card(manifest))
@@ -287,12 +325,12 @@ def model_card(m: dict) -> str:
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in cfg["parameters"].items()) or "| (none) | |"
     return f"""---
 library_name: transformers
-tags: [merge, sarmerge, {m['method']}]
+tags: [merge, sarmerge, {m["method"]}]
 ---
-# Merged model ({m['method']})
+# Merged model ({m["method"]})
 
-Produced by [sarmerge](https://pypi.org/project/sarmerge/) {m['sarmerge_version']} (revision `{m['git_revision']}`)
-on {m['created_at']}. Base model: `{cfg['base_model']}`. Seed: {m['seed']}.
+Produced by [sarmerge](https://pypi.org/project/sarmerge/) {m["sarmerge_version"]} (revision `{m["git_revision"]}`)
+on {m["created_at"]}. Base model: `{cfg["base_model"]}`. Seed: {m["seed"]}.
 
 | model | weight | density | fisher |
 |---|---|---|---|
@@ -302,8 +340,8 @@ on {m['created_at']}. Base model: `{cfg['base_model']}`. Seed: {m['seed']}.
 |---|---|
 {params}
 
-Per-tensor overrides: {len(cfg['overrides'])}. Compute dtype `{cfg['dtype']}`, output dtype
-`{cfg['out_dtype'] or 'as input'}`. Every input file's sha256, the full resolved config and timings are in
+Per-tensor overrides: {len(cfg["overrides"])}. Compute dtype `{cfg["dtype"]}`, output dtype
+`{cfg["out_dtype"] or "as input"}`. Every input file's sha256, the full resolved config and timings are in
 `merge_manifest.json`.
 """
 
@@ -323,8 +361,18 @@ def add_command(sub: argparse._SubParsersAction) -> None:
 
 def _cli(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
-    m = run_merge(cfg, args.out, device=args.device, threads=args.threads, out_shard_size=args.out_shard_size,
-                  overwrite=args.overwrite, allow_pickle=args.allow_pickle, progress=not args.no_progress)
-    print(f"merged {m['output']['tensors']} tensors with {m['method']} into {args.out} "
-          f"({m['output']['total_bytes'] / 1e6:.1f} MB, {m['timings_s']['total']:.1f}s)")
+    m = run_merge(
+        cfg,
+        args.out,
+        device=args.device,
+        threads=args.threads,
+        out_shard_size=args.out_shard_size,
+        overwrite=args.overwrite,
+        allow_pickle=args.allow_pickle,
+        progress=not args.no_progress,
+    )
+    print(
+        f"merged {m['output']['tensors']} tensors with {m['method']} into {args.out} "
+        f"({m['output']['total_bytes'] / 1e6:.1f} MB, {m['timings_s']['total']:.1f}s)"
+    )
     return 0

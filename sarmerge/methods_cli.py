@@ -17,5 +17,7 @@ def _cli(args: argparse.Namespace) -> int:
             needs.append(f"fisher ({m.fisher})")
         print(f"{name:18s} {m.description}" + (f"  [needs {', '.join(needs)}]" if needs else ""))
         for field_name, f in m.params.model_fields.items():
-            print(f"{'':20s}{f.alias or field_name} = {f.default!r}" + (f"  # {f.description}" if f.description else ""))
+            print(
+                f"{'':20s}{f.alias or field_name} = {f.default!r}" + (f"  # {f.description}" if f.description else "")
+            )
     return 0

@@ -86,7 +86,9 @@ def merge_method(
         if name in REGISTRY:
             raise RuntimeError(f"merge method {name!r} registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
-        REGISTRY[name] = MergeMethod(name, fn, params, needs_base, fisher, min_models, max_models, doc[0] if doc else "")
+        REGISTRY[name] = MergeMethod(
+            name, fn, params, needs_base, fisher, min_models, max_models, doc[0] if doc else ""
+        )
         return fn
 
     return register

@@ -14,8 +14,10 @@ class DellaParams(Params):
 
     @model_validator(mode="after")
     def _spread_fits(self) -> "DellaParams":
-        if self.density < 1 and not (0 < self.density - self.epsilon and self.density + self.epsilon <= 1):
-            raise ValueError(f"density ± epsilon must lie in (0, 1]; got density={self.density}, epsilon={self.epsilon}")
+        if self.density < 1 and not (self.density - self.epsilon > 0 and self.density + self.epsilon <= 1):
+            raise ValueError(
+                f"density ± epsilon must lie in (0, 1]; got density={self.density}, epsilon={self.epsilon}"
+            )
         return self
 
 

@@ -50,8 +50,15 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
     return tok
 
 
-def tiny_config(vocab_size: int, hidden: int = 64, layers: int = 2, heads: int = 4, kv_heads: int = 2,
-                intermediate: int = 176, max_positions: int = 256) -> Qwen2Config:
+def tiny_config(
+    vocab_size: int,
+    hidden: int = 64,
+    layers: int = 2,
+    heads: int = 4,
+    kv_heads: int = 2,
+    intermediate: int = 176,
+    max_positions: int = 256,
+) -> Qwen2Config:
     return Qwen2Config(
         vocab_size=vocab_size,
         hidden_size=hidden,
@@ -75,8 +82,13 @@ def tiny_model(seed: int = 0, **config_kw: int) -> tuple[Qwen2ForCausalLM, PreTr
     return model, tok
 
 
-def save_checkpoint(model: torch.nn.Module, tok: PreTrainedTokenizerFast, out: str | Path,
-                    dtype: torch.dtype | None = None, max_shard_size: str = "5GB") -> Path:
+def save_checkpoint(
+    model: torch.nn.Module,
+    tok: PreTrainedTokenizerFast,
+    out: str | Path,
+    dtype: torch.dtype | None = None,
+    max_shard_size: str = "5GB",
+) -> Path:
     """save_pretrained in HF layout (safetensors), marking char tokenizers so `load_tokenizer` keeps whitespace."""
     out = Path(out)
     if dtype is not None:
