@@ -18,7 +18,9 @@ from sarmerge.errors import SarmergeError
 # subcommand → module with `add_command(subparsers)`
 COMMANDS = {
     "merge": "sarmerge.merge",
+    "fisher": "sarmerge.fisher",
     "methods": "sarmerge.methods_cli",
+    "evaluate": "sarmerge.evaluate.cli",
     "analyze": "sarmerge.analysis.cli",
 }
 

@@ -1,0 +1,147 @@
+"""Answer extraction and checking: math answers (verified with math-verify) and code blocks.
+
+`extract_answer` finds the model's final answer in this order: the last `\\boxed{...}` (or `\\fbox{}`), a GSM8K-style
+`#### N`, a final-answer phrase ("the answer is ...", "Final Answer: ..."), and last the last number in the text.
+`check_answer` compares it with the reference through math-verify (symbolic and numeric equivalence), falling back to
+a normalised string comparison for non-mathematical answers such as "Yes"/"No".
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import textwrap
+import threading
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\s*\{")
+_HASHES = re.compile(r"####\s*([^\n]+)")
+_PHRASE = re.compile(
+    r"(?:final answer|the answer is|answer is|answer\s*:)\s*(?:is\s*)?:?\s*(.+)", re.IGNORECASE)
+_NUMBER = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?|-?\.\d+")
+_FENCE = re.compile(r"```[ \t]*(?:python3?|py)?[ \t]*\n(.*?)(?:```|\Z)", re.DOTALL | re.IGNORECASE)
+# Where a completion-style (no chat template) function body ends: the next top-level statement.
+CODE_STOPS = ("\ndef ", "\nclass ", "\nif __name__", "\nprint(", "\nassert ", "\n#", "\n```")
+
+
+@dataclass(frozen=True)
+class Extracted:
+    answer: str | None
+    method: str  # boxed | hashes | phrase | last_number | none
+
+
+def _last_boxed(text: str) -> str | None:
+    last = None
+    for m in _BOXED.finditer(text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            last = text[m.end(): i - 1]
+    return last
+
+
+def _clean(answer: str) -> str:
+    answer = answer.strip()
+    answer = re.sub(r"^\$+|\$+$", "", answer).strip()  # inline math delimiters
+    answer = re.sub(r"^\\\(|\\\)$", "", answer).strip()
+    return answer.rstrip(".").strip()
+
+
+def extract_answer(text: str) -> Extracted:
+    """The model's final answer in `text` (see module doc for the order of rules)."""
+    boxed = _last_boxed(text)
+    if boxed is not None and boxed.strip():
+        return Extracted(_clean(boxed), "boxed")
+    hashes = _HASHES.findall(text)
+    if hashes:
+        return Extracted(_clean(hashes[-1]).replace(",", ""), "hashes")
+    phrases = _PHRASE.findall(text)
+    if phrases:
+        phrase = _clean(phrases[-1].split("\n")[0])
+        if phrase:
+            return Extracted(phrase, "phrase")
+    numbers = _NUMBER.findall(text)
+    if numbers:
+        return Extracted(numbers[-1].replace(",", ""), "last_number")
+    return Extracted(None, "none")
+
+
+def gsm8k_gold(solution: str) -> str:
+    """The reference answer of a GSM8K solution: what follows its `#### `."""
+    found = _HASHES.findall(solution)
+    if not found:
+        raise ValueError("no '#### <answer>' line")
+    return found[-1].strip().replace(",", "")
+
+
+def _normalise(s: str) -> str:
+    s = s.lower().strip().rstrip(".")
+    s = re.sub(r"\\text\{([^}]*)\}", r"\1", s)
+    s = re.sub(r"[\s$]|\\[,;!: ]", "", s)
+    return s
+
+
+def _as_number(s: str) -> str:
+    # plain numbers lose thousands separators ("1,234" is one number, not a tuple, in GSM8K-style answers)
+    return s.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s.strip()) else s
+
+
+def check_answer(gold: str, predicted: str | None) -> bool:
+    """True when `predicted` is mathematically equivalent to `gold` (math-verify) or equal after normalisation."""
+    if predicted is None or not predicted.strip():
+        return False
+    if _normalise(gold) == _normalise(predicted):
+        return True
+    from math_verify import parse, verify
+
+    # math-verify times out with SIGALRM, which only the main thread may use
+    main = threading.current_thread() is threading.main_thread()
+    timeout = 5 if main else None
+    try:
+        g = parse("\\boxed{" + _as_number(gold) + "}", parsing_timeout=timeout)
+        p = parse("\\boxed{" + _as_number(predicted) + "}", parsing_timeout=timeout)
+        if not g or not p:
+            return False
+        return bool(verify(g, p, timeout_seconds=timeout))
+    except Exception as e:  # math-verify raises assorted sympy errors on odd input: a wrong answer, not a crash
+        log.debug("math-verify failed on gold=%r predicted=%r: %s", gold, predicted, e)
+        return False
+
+
+def extract_code(completion: str) -> str:
+    """The code a completion proposes: its fenced block that defines something (else its first block, else all)."""
+    blocks = _FENCE.findall(completion)
+    if blocks:
+        for block in blocks:
+            if re.search(r"^\s*(def|class|import|from)\s", block, re.MULTILINE):
+                return block
+        return blocks[0]
+    return completion
+
+
+def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> tuple[str, str]:
+    """(program, extracted code) for one HumanEval sample: the function plus the official test and its call."""
+    code = extract_code(completion)
+    if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
+        # a whole function: keep the prompt before it for its imports and helpers; the later def wins
+        body = textwrap.dedent(code)
+        program = prompt + "\n    pass\n\n" + body
+    else:
+        # a body continuation (completion-style prompt): stop at the next top-level statement
+        body = code
+        for stop in CODE_STOPS:
+            cut = body.find(stop)
+            if cut != -1:
+                body = body[:cut]
+        program = prompt + body
+    return program + "\n\n" + test + f"\n\ncheck({entry_point})\n", body
+
+
+def mbpp_program(completion: str, tests: list[str], setup: str = "") -> tuple[str, str]:
+    """(program, extracted code) for one MBPP sample: the code, then the setup/imports, then each assert."""
+    code = textwrap.dedent(extract_code(completion))
+    return code + "\n\n" + setup + "\n" + "\n".join(tests) + "\n", code
