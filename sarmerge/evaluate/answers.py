@@ -45,10 +45,14 @@ def _last_boxed(text: str) -> str | None:
 
 
 def _clean(answer: str) -> str:
-    answer = answer.strip()
-    answer = re.sub(r"^\$+|\$+$", "", answer).strip()  # inline math delimiters
-    answer = re.sub(r"^\\\(|\\\)$", "", answer).strip()
-    return answer.rstrip(".").strip()
+    previous = None
+    while previous != answer:  # peel "$42$." / "\\(x\\)" / "**7**" down to the answer
+        previous = answer
+        answer = answer.strip().rstrip(".").strip()
+        answer = re.sub(r"^\$+|\$+$", "", answer)  # inline math delimiters
+        answer = re.sub(r"^\\\(|\\\)$", "", answer)
+        answer = re.sub(r"^\*\*|\*\*$", "", answer)  # markdown bold
+    return answer
 
 
 def extract_answer(text: str) -> Extracted:
@@ -86,8 +90,10 @@ def _normalise(s: str) -> str:
 
 
 def _as_number(s: str) -> str:
+    # a trailing percent sign is presentation ("10\\%" and "10" are the same answer, as graders usually rule)
+    s = re.sub(r"\s*\\?%$", "", s.strip())
     # plain numbers lose thousands separators ("1,234" is one number, not a tuple, in GSM8K-style answers)
-    return s.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s.strip()) else s
+    return s.replace(",", "") if re.fullmatch(r"-?\d{1,3}(,\d{3})+(\.\d+)?", s) else s
 
 
 def check_answer(gold: str, predicted: str | None) -> bool:
