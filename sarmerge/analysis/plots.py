@@ -16,6 +16,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import LogNorm, Normalize
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter, NullFormatter
 
 DPI = 110
 ANNOTATE_MAX_CELLS = 400
@@ -70,8 +71,7 @@ def _heatmap(
     ylabel: str | None,
 ) -> None:
     masked = np.ma.masked_invalid(np.where(data > 0, data, np.nan) if isinstance(norm, LogNorm) else data)
-    cm = colormaps[cmap].copy()
-    cm.set_bad("#dddddd")
+    cm = colormaps[cmap].with_extremes(bad="#dddddd")
     im = ax.imshow(masked, aspect="auto", cmap=cm, norm=norm, interpolation="nearest")
     ax.set_title(title, fontsize=10)
     ax.set_xticks(range(len(cols)), cols, rotation=35, ha="right", fontsize=8)
@@ -449,7 +449,9 @@ def plot_dlogp_hist(report: dict[str, Any], records: list[dict[str, Any]], path:
     ax = fig.subplots()
     lim = max(float(np.abs(d).max()), 1e-6)
     ax.hist(d, bins=np.linspace(-lim, lim, 41), color="#228833")
-    ax.set_yscale("log")
+    ax.set_yscale("log")  # RLVR piles most positions at 0; a log axis keeps the tails visible
+    ax.yaxis.set_major_formatter(FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.yaxis.set_minor_formatter(NullFormatter())
     ax.axvline(0, color="black", linewidth=1)
     ax.text(
         0.02,
@@ -474,15 +476,17 @@ def plot_dlogp_hist(report: dict[str, Any], records: list[dict[str, Any]], path:
 def plot_traces(report: dict[str, Any], records: list[dict[str, Any]], path: Path, count: int = 4) -> Plot:
     shown = records[:count]
     thr = report["summary"]["near_zero_threshold"]
+    all_js = np.concatenate([r["js"] for r in shown])
+    floor = max(1e-8, min(float(all_js.min()), thr) / 10)
     fig = Figure(layout="constrained", figsize=(10, 1.9 * len(shown) + 0.8))
     axes = np.atleast_1d(fig.subplots(len(shown), 1, sharex=False))
     for ax, r in zip(axes, shown, strict=True):
-        js = np.clip(r["js"], 1e-8, 1.0)
+        js = np.clip(r["js"], floor, 1.0)
         ax.plot(np.arange(len(js)), js, color="#4477aa", linewidth=1)
         ax.scatter(np.arange(len(js)), js, s=6, c=np.where(r["in_topk"], "#4477aa", "#cc3311"), zorder=3)
         ax.axhline(thr, color="black", linestyle="--", linewidth=0.8)
         ax.set_yscale("log")
-        ax.set_ylim(1e-8, 1.5)
+        ax.set_ylim(floor, 1.5)
         ax.set_ylabel("JS (bits)", fontsize=8)
         if len(js) <= 64:
             # Short responses: label each position with its token, so a spike reads as a word.

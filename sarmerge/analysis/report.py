@@ -66,28 +66,50 @@ def _png_b64(directory: str, name: str) -> str:
 # ---------------------------------------------------------------- content shared by both formats
 
 
+def _vs_chance(ratio: float | None, below: str, above: str) -> str:
+    """Words for a ratio to chance; within ±20 % of 1 reads as chance (sampling noise on small tensors)."""
+    if ratio is None:
+        return "undefined"
+    if ratio < 0.8:
+        return below
+    if ratio > 1.25:
+        return above
+    return "about chance"
+
+
+def _layer_range(g: dict[str, Any], label: str) -> str:
+    layers = [
+        (k, v["models"][label]["sparsity"])
+        for k, v in g["layers"].items()
+        if v["models"][label]["sparsity"] is not None and k != "non-layer"
+    ]
+    if len(layers) < 2:
+        return ""
+    (lo_k, lo), (hi_k, hi) = min(layers, key=lambda x: x[1]), max(layers, key=lambda x: x[1])
+    return f", per layer from {_pct(lo)} (layer {lo_k}) to {_pct(hi)} (layer {hi_k})"
+
+
 def geometry_glance(g: dict[str, Any]) -> list[str]:
     lines = []
     eps, k = g["settings"]["eps"], g["settings"]["top_k"]
     for label, m in g["model"]["models"].items():
         line = (
-            f"{label}: {_pct(m['sparsity'])} of weights unchanged (|τ| ≤ {eps:g}); update size "
-            f"‖τ‖/‖θ₀‖ = {_num(m['rel_norm'])}"
+            f"{label}: {_pct(m['sparsity'])} of weights unchanged (|τ| ≤ {eps:g}){_layer_range(g, label)}; "
+            f"update size ‖τ‖/‖θ₀‖ = {_num(m['rel_norm'])}"
         )
         if m["principal_energy"] is not None:
-            where = "off-principal" if (m["principal_energy_ratio"] or 0) < 1 else "principal-leaning"
+            where = _vs_chance(m["principal_energy_ratio"], "off-principal", "concentrated in principal directions")
             line += (
                 f"; {_pct(m['principal_energy'], 2)} of its energy lies in the base's top-{k} singular subspace "
-                f"({_num(m['principal_energy_ratio'], '.2f')}× chance: {where})"
+                f"({_num(m['principal_energy_ratio'], '.2f')}× a random update's share: {where})"
             )
         lines.append(line + ".")
     for p in g["model"]["pairs"]:
-        ratio = p["overlap_ratio"]
-        relation = "–" if ratio is None else ("apart: less than" if ratio < 1 else "together: more than")
+        relation = _vs_chance(p["overlap_ratio"], "the updates avoid each other", "the updates crowd together")
         lines.append(
-            f"{p['a']} vs {p['b']}: supports overlap {_num(ratio, '.2f')}× chance (Jaccard {_num(p['jaccard'])} vs "
-            f"{_num(p['jaccard_chance'])} expected; {relation} chance); cosine {_num(p['cosine'], '.3f')}, "
-            f"{_pct(p['orth_energy_share'])} of the energy orthogonal; signs conflict on "
+            f"{p['a']} vs {p['b']}: supports overlap {_num(p['overlap_ratio'], '.2f')}× chance (Jaccard "
+            f"{_num(p['jaccard'])} vs {_num(p['jaccard_chance'])} for independent supports: {relation}); cosine "
+            f"{_num(p['cosine'], '.3f')}, {_pct(p['orth_energy_share'])} of the energy orthogonal; signs conflict on "
             f"{_pct(p['sign_conflict'])} of the weights both moved; {_pct(p['unshared_energy_a'])} of {p['a']}'s and "
             f"{_pct(p['unshared_energy_b'])} of {p['b']}'s update energy sits where the other did not move."
         )
