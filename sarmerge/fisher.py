@@ -34,6 +34,7 @@ import logging
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -394,7 +395,10 @@ class VmapBackend:
 
     def accumulate(self, batch: Batch) -> None:
         weights = {n: p.detach() for n, p in _params(self.model).items()}
-        grads = self._per_example_grads(weights, batch)
+        with warnings.catch_warnings():
+            # CPU flash attention has no vmap batching rule; torch falls back to a loop (correct, just slower).
+            warnings.filterwarnings("ignore", message=".*batching rule.*")
+            grads = self._per_example_grads(weights, batch)
         for name, g in grads.items():
             self.sums[name].add_(g.float().square_().sum(0))
 
@@ -422,48 +426,55 @@ class _Contribution:
     def release(self) -> None:
         self.x = self.grad = None  # type: ignore[assignment]
 
-    def add_into(self, buf: torch.Tensor, rows: slice, backend: HookBackend) -> None:
+    def _checked(self) -> tuple[torch.Tensor, torch.Tensor]:
         x, d = self.x, self.grad
-        assert x is not None and d is not None
+        if x is None or d is None:
+            raise RuntimeError("per-example contribution used after release")
         if x._version != self.version:
             raise UnsupportedModel(f"{type(self.module).__name__}: input modified in place after the forward")
-        b = rows.stop - rows.start
-        if self.kind == "linear_weight":
-            buf += _bmm_fp32(d[rows].flatten(1, -2).mT, x[rows].flatten(1, -2))
-        elif self.kind == "linear_bias":
-            buf += d[rows].flatten(1, -2).float().sum(1)
-        elif self.kind == "embedding":
-            vocab, hidden = buf.shape[1], buf.shape[2]
-            ids = x[rows].reshape(b, -1)
-            keys = (torch.arange(b, device=ids.device).unsqueeze(1) * vocab + ids).flatten()
-            values = d[rows].reshape(-1, hidden).float()
-            pad = self.module.padding_idx
-            if pad is not None:  # autograd gives the padding row no gradient; neither do we
-                keep = ids.flatten() != pad
-                keys, values = keys[keep], values[keep]
-            buf.view(b * vocab, hidden).index_add_(0, keys, values)
-        else:
-            buf += backend.module_vjp(self.module, self.param_attr, x[rows], d[rows])
+        return x, d
 
-    def add_squares(self, acc: torch.Tensor, rows: slice) -> bool:
-        """Fast path for a parameter used once: add Σ_b g_b² without a dense per-example buffer when possible."""
-        if self.kind != "embedding":
-            return False
-        x, d = self.x, self.grad
-        assert x is not None and d is not None
-        vocab, hidden = acc.shape
+    def _embedding_rows(self, rows: slice, vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(key, gradient row) per token position, key = example × vocab + token id."""
+        x, d = self._checked()
         b = rows.stop - rows.start
         ids = x[rows].reshape(b, -1)
         keys = (torch.arange(b, device=ids.device).unsqueeze(1) * vocab + ids).flatten()
-        values = d[rows].reshape(-1, hidden).float()
+        values = d[rows].reshape(keys.numel(), -1).float()
         pad = self.module.padding_idx
-        if pad is not None:
+        if pad is not None:  # autograd gives the padding row no gradient; neither do we
             keep = ids.flatten() != pad
             keys, values = keys[keep], values[keep]
+        return keys, values
+
+    def per_example(self, buf: torch.Tensor | None, rows: slice, backend: HookBackend,
+                    shape: tuple[int, ...]) -> torch.Tensor:
+        """Add this use's per-example gradients (examples `rows`, fp32) to `buf`; None starts a new buffer."""
+        b = rows.stop - rows.start
+        if self.kind == "embedding":
+            keys, values = self._embedding_rows(rows, shape[0])
+            if buf is None:
+                buf = torch.zeros((b, *shape), dtype=torch.float32, device=values.device)
+            buf.view(b * shape[0], shape[1]).index_add_(0, keys, values)
+            return buf
+        x, d = self._checked()
+        if self.kind == "linear_weight":
+            g = _bmm_fp32(d[rows].reshape(b, -1, d.shape[-1]).mT, x[rows].reshape(b, -1, x.shape[-1]))
+        elif self.kind == "linear_bias":
+            g = d[rows].reshape(b, -1, d.shape[-1]).float().sum(1)
+        else:
+            g = backend.module_vjp(self.module, self.param_attr, x[rows], d[rows])
+        return g if buf is None else buf.add_(g)
+
+    def add_squares(self, acc: torch.Tensor, rows: slice) -> bool:
+        """Fast path for an embedding used once: Σ_b g_b² from the rows each example touched, no dense buffer."""
+        if self.kind != "embedding":
+            return False
+        keys, values = self._embedding_rows(rows, acc.shape[0])
         unique, inverse = torch.unique(keys, return_inverse=True)
-        rows_sum = torch.zeros(unique.numel(), hidden, dtype=torch.float32, device=acc.device)
-        rows_sum.index_add_(0, inverse, values)
-        acc.index_add_(0, unique % vocab, rows_sum.square_())
+        per_row = torch.zeros(unique.numel(), acc.shape[1], dtype=torch.float32, device=acc.device)
+        per_row.index_add_(0, inverse, values)
+        acc.index_add_(0, unique % acc.shape[0], per_row.square_())
         return True
 
 
@@ -570,9 +581,9 @@ class HookBackend:
                 rows = slice(start, min(self._batch_size, start + step))
                 if len(contributions) == 1 and contributions[0].add_squares(acc, rows):
                     continue
-                buf = torch.zeros((rows.stop - rows.start, *acc.shape), dtype=torch.float32, device=acc.device)
-                for c in contributions:
-                    c.add_into(buf, rows, self)
+                buf = None
+                for c in sorted(contributions, key=lambda c: c.kind == "embedding"):  # dense ones start the buffer
+                    buf = c.per_example(buf, rows, self, tuple(acc.shape))
                 acc += buf.square_().sum(0)
         except UnsupportedModel as e:
             self._error = self._error or e
@@ -1024,14 +1035,26 @@ def run_fisher(
         log.info("fisher %s on %d examples from %s (batch %d, %s, seed %d); partial sums every %d examples in %s",
                  mode, len(todo), data_path, batch_size, compute_dtype, seed, checkpoint_every, state_path)
 
+        resumed_from = start.examples if start is not None else 0
         t_compute = time.perf_counter()
-        result = estimate_fisher(
-            model, todo, mode=mode, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
-            eos_ids=_eos_ids(model, tokenizer), pad_id=pad_id, per_example=per_example,
-            gradient_checkpointing=gradient_checkpointing, start=start, checkpoint_every=checkpoint_every,
-            on_checkpoint=lambda s: _save_state(state_path, s, fingerprint) if checkpoint_every else None,
-            on_batch=on_batch, progress=progress,
-        )
+        saved = [resumed_from]
+
+        def save_state(partial: FisherSums) -> None:
+            _save_state(state_path, partial, fingerprint)
+            saved[0] = partial.examples
+
+        try:
+            result = estimate_fisher(
+                model, todo, mode=mode, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
+                eos_ids=_eos_ids(model, tokenizer), pad_id=pad_id, per_example=per_example,
+                gradient_checkpointing=gradient_checkpointing, start=start, checkpoint_every=checkpoint_every,
+                on_checkpoint=save_state if checkpoint_every else None, on_batch=on_batch, progress=progress,
+            )
+        except KeyboardInterrupt:
+            if saved[0]:
+                log.warning("interrupted; partial sums for %d/%d examples are in %s: rerun with --resume to "
+                            "continue", saved[0], len(todo), state_path)
+            raise
         t_compute = time.perf_counter() - t_compute
         fisher = result.fisher()
         by_ckpt = {
@@ -1065,11 +1088,10 @@ def run_fisher(
                 "stored_bytes": stored,
                 "dense_bytes": dense_bytes,
                 "size_fraction": stored / dense_bytes if dense_bytes else 1.0,
-                "resumed_from": start.examples if start is not None else 0,
+                "resumed_from": resumed_from,
                 "truncated_responses": sum(e.truncated for e in todo),
                 "timings_s": {"compute": round(t_compute, 3), "total": round(time.perf_counter() - t0, 3)},
-                "throughput": {"examples_per_s": round((result.examples - (start.examples if start else 0))
-                                                       / max(t_compute, 1e-9), 3)},
+                "throughput": {"examples_per_s": round((result.examples - resumed_from) / max(t_compute, 1e-9), 3)},
             }
             (tmp / "fisher_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         shutil.rmtree(state_path, ignore_errors=True)
