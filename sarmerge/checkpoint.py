@@ -231,22 +231,29 @@ class Checkpoint:
         except KeyError:
             raise SarmergeError(f"{self.path}: has no tensor {name!r}") from None
 
-    def read(self, name: str, *, check_finite: bool = True) -> torch.Tensor:
-        """Load one tensor into fresh memory (never an mmap view)."""
+    def read(self, name: str, rows: tuple[int, int] | None = None, *, check_finite: bool = True) -> torch.Tensor:
+        """Load one tensor, or rows [r0, r1) of its first dimension, into fresh memory (never an mmap view)."""
         info = self.info(name)
+        shape = info.shape
+        r0, r1 = rows if rows is not None else (0, shape[0] if shape else 1)
         if self._pickled is not None:
-            t = self._pickled[name].clone()
-        elif info.numel == 0:
-            t = torch.empty(info.shape, dtype=SAFETENSORS_DTYPES[info.dtype])
+            t = self._pickled[name]
+            t = (t[r0:r1] if rows is not None else t).clone()
         else:
-            fd = self._fds.get(info.file)
-            if fd is None:
-                fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
-            buf = _read_bytes(fd, info.start, info.nbytes, info.file)
-            t = torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[info.dtype]).reshape(info.shape)
-        if check_finite and t.is_floating_point() and not bool(torch.isfinite(t).all()):
-            bad = int((~torch.isfinite(t)).sum())
-            raise SarmergeError(f"{info.file}: tensor {name!r} contains {bad} NaN/Inf value(s)")
+            row_numel = math.prod(shape[1:]) if shape else 1
+            out_shape = ((r1 - r0), *shape[1:]) if rows is not None else shape
+            nbytes = (r1 - r0) * row_numel * element_size(info.dtype)
+            if nbytes == 0:
+                t = torch.empty(out_shape, dtype=SAFETENSORS_DTYPES[info.dtype])
+            else:
+                fd = self._fds.get(info.file)
+                if fd is None:
+                    fd = self._fds[info.file] = os.open(info.file, os.O_RDONLY)
+                start = info.start + r0 * row_numel * element_size(info.dtype)
+                buf = _read_bytes(fd, start, nbytes, info.file)
+                t = torch.frombuffer(buf, dtype=SAFETENSORS_DTYPES[info.dtype]).reshape(out_shape)
+        if check_finite and t.is_floating_point():
+            check_finite_tensor(t, f"{info.file}: tensor {name!r}")
         return t
 
     def close(self) -> None:
@@ -263,6 +270,15 @@ class Checkpoint:
     def __del__(self) -> None:
         with contextlib.suppress(Exception):
             self.close()
+
+
+def check_finite_tensor(t: torch.Tensor, what: str) -> None:
+    """Raise naming `what` if t has NaN/Inf. One fp32 reduction on the fast path; the exact count only on failure."""
+    if bool(torch.isfinite(t.sum(dtype=torch.float32))):
+        return
+    bad = int((~torch.isfinite(t)).sum())
+    if bad:
+        raise SarmergeError(f"{what} contains {bad} NaN/Inf value(s)")
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -320,20 +336,29 @@ class ShardedWriter:
         )
         self._current = -1
         self._file = None
+        self._name, self._left = "", 0
         self.total_size = 0
 
     def write(self, name: str, tensor: torch.Tensor) -> None:
-        shard, (planned, shape, code) = next(self._queue)
-        if name != planned or tuple(tensor.shape) != shape or DTYPE_CODES[tensor.dtype] != code:
-            raise RuntimeError(
-                f"writer got {name} {tuple(tensor.shape)} {tensor.dtype}, planned {planned} {shape} {code}"
-            )
-        if shard != self._current:
-            self._open(shard)
+        """Append a whole tensor, or the next consecutive row chunk of one (chunks of a tensor arrive in order)."""
+        code = DTYPE_CODES[tensor.dtype]
+        if self._left == 0:
+            shard, (planned, shape, planned_code) = next(self._queue)
+            if name != planned or planned_code != code:
+                raise RuntimeError(f"writer got {name} {code}, planned {planned} {planned_code}")
+            if shard != self._current:
+                self._open(shard)
+            self._name, self._left = name, math.prod(shape) * element_size(code)
+        elif name != self._name:
+            raise RuntimeError(f"writer got {name} before {self._name} was complete")
         data = tensor.detach().to("cpu").contiguous().reshape(-1)
-        if data.numel():
+        n = data.numel() * data.element_size()
+        if n > self._left:
+            raise RuntimeError(f"writer got {n} bytes for {name}, only {self._left} left in its planned shape")
+        if n:
             self._file.write(memoryview(data.view(torch.uint8).numpy()))
-        self.total_size += data.numel() * data.element_size()
+        self._left -= n
+        self.total_size += n
 
     def _open(self, shard: int) -> None:
         if self._file is not None:
@@ -344,7 +369,7 @@ class ShardedWriter:
         self._file.write(header)
 
     def close(self) -> None:
-        if next(self._queue, None) is not None:
+        if self._left or next(self._queue, None) is not None:
             raise RuntimeError("writer closed before every planned tensor was written")
         if self._file is not None:
             self._file.close()

@@ -55,23 +55,34 @@ class FisherStore:
             raise SarmergeError(f"{self.path}: support-layout Fisher tensor {name!r} must be 1-D, got {list(stored)}")
 
     def dense(self, name: str, tau: torch.Tensor | None = None) -> torch.Tensor:
-        values = self.ckpt.read(name).to(torch.float32)
+        """The whole tensor's Fisher at full shape (`tau` = θ_t − θ₀ in fp32, needed for the support layout)."""
+        return self.dense_rows(name, tau, None, 0)[0]
+
+    def dense_rows(
+        self, name: str, tau: torch.Tensor | None, rows: tuple[int, int] | None, offset: int
+    ) -> tuple[torch.Tensor, int]:
+        """Fisher for rows [r0, r1) of a tensor; `offset` = support values consumed by earlier rows (support layout).
+
+        Returns the dense chunk and the number of support values it consumed.
+        """
         if self.layout == "dense":
-            return values
+            return self.ckpt.read(name, rows).to(torch.float32), 0
         if tau is None:
             raise SarmergeError(
                 f"{self.path}: stores Fisher on the update support only; this method needs dense Fisher"
             )
         mask = support_mask(tau, self.epsilon)
         count = int(mask.sum())
-        if count != values.numel():
+        total = self.ckpt.info(name).numel
+        if offset + count > total or (rows is None and count != total):
             raise SarmergeError(
-                f"{self.path}: Fisher tensor {name!r} has {values.numel()} support values but the model moved at "
-                f"{count} positions (ε={self.epsilon}); it was computed against a different base"
+                f"{self.path}: Fisher tensor {name!r} has {total} support values but the model moved at "
+                f"{'more' if rows else count} positions (ε={self.epsilon}); it was computed against a different base"
             )
+        values = self.ckpt.read(name, (offset, offset + count)).to(torch.float32)
         out = torch.zeros(tau.shape, dtype=torch.float32, device=tau.device)
         out[mask] = values.to(tau.device)
-        return out
+        return out, count
 
     def close(self) -> None:
         self.ckpt.close()

@@ -150,28 +150,50 @@ def _git_revision() -> str:
     return "unknown"
 
 
+Item = tuple[str, tuple[int, int] | None]  # a tensor name and a row range (None = the whole tensor)
+
+
 class _Merger:
-    def __init__(self, cfg: MergeConfig, inputs: Inputs, device: torch.device) -> None:
+    def __init__(self, cfg: MergeConfig, inputs: Inputs, device: torch.device, chunk_elements: int) -> None:
         self.cfg, self.inputs, self.device = cfg, inputs, device
         self.compute = TORCH_DTYPES[cfg.dtype]
+        self.chunk_elements = chunk_elements
+        self.params = {n: cfg.params_for(n) for n in inputs.names}
+        self.fisher_offsets: list[int] = [0] * len(inputs.fishers)
 
-    def load(self, name: str) -> dict:
-        """Read one tensor name from every input (runs on the loader thread)."""
+    def items(self, name: str) -> list[Item]:
+        """Split a tensor into row chunks when the method allows it, so memory is bounded by the chunk."""
+        info = self.inputs.reference.tensors[name]
+        mode = self.cfg.spec.chunking_for(self.params[name])
+        rows = info.shape[0] if info.shape else 0
+        if (
+            info.dtype not in FLOAT_CODES
+            or mode == "tensor"
+            or len(info.shape) < (2 if mode == "row" else 1)
+            or info.numel <= self.chunk_elements
+        ):
+            return [(name, None)]
+        step = max(1, self.chunk_elements // max(1, info.numel // rows))
+        return [(name, (r, min(r + step, rows))) for r in range(0, rows, step)]
+
+    def load(self, item: Item) -> dict:
+        """Read one item from every input (runs on the loader thread)."""
+        name, rows = item
         ins = self.inputs
         return {
-            "base": ins.base.read(name) if ins.base else None,
-            "models": [m.read(name) for m in ins.models],
+            "base": ins.base.read(name, rows) if ins.base else None,
+            "models": [m.read(name, rows) for m in ins.models],
         }
 
-    def merge(self, name: str, raw: dict) -> torch.Tensor:
+    def merge(self, item: Item, raw: dict) -> torch.Tensor:
+        name, rows = item
         ref_info = self.inputs.reference.tensors[name]
         out_dtype = TORCH_DTYPES[self.cfg.out_dtype] if self.cfg.out_dtype else SAFETENSORS_DTYPES[ref_info.dtype]
         if ref_info.dtype not in FLOAT_CODES:
             # Integer/bool buffers are not weights: carry them over from the reference unchanged.
             return raw["base"] if raw["base"] is not None else raw["models"][0]
-        dev = lambda t: t.to(self.device, self.compute, non_blocking=True)  # noqa: E731
-        base = dev(raw["base"]) if raw["base"] is not None else None
-        models = [dev(t) for t in raw["models"]]
+        base = raw["base"].to(self.device, self.compute) if raw["base"] is not None else None
+        models = [t.to(self.device, self.compute) for t in raw["models"]]
         group = TensorGroup(
             name=name,
             base=base,
@@ -181,18 +203,36 @@ class _Merger:
             generator=torch.Generator().manual_seed(tensor_seed(self.cfg.seed, name)),
         )
         if any(self.inputs.fishers):
-            # The support mask is defined on the fp32 task vector, whatever the compute dtype.
-            b32 = raw["base"].to(self.device, torch.float32) if raw["base"] is not None else None
-            group.fishers = [
-                f.dense(name, m.to(self.device, torch.float32) - b32 if b32 is not None else None).to(self.compute)
-                if f
-                else None
-                for f, m in zip(self.inputs.fishers, raw["models"], strict=True)
-            ]
-        merged = self.cfg.spec.fn(group, self.cfg.params_for(name))
+            group.fishers = self._fishers(name, rows, raw)
+        raw.clear()  # the stored-dtype copies are no longer needed: free them before the method allocates
+        merged = self.cfg.spec.fn(group, self.params[name])
         if not bool(torch.isfinite(merged).all()):
             raise SarmergeError(f"tensor {name!r}: method {self.cfg.method!r} produced NaN/Inf (check its parameters)")
         return merged.to("cpu", out_dtype)
+
+    def _fishers(self, name: str, rows: tuple[int, int] | None, raw: dict) -> list[torch.Tensor | None]:
+        # The support mask is defined on the fp32 task vector, whatever the compute dtype.
+        b32 = raw["base"].to(self.device, torch.float32) if raw["base"] is not None else None
+        first = rows is None or rows[0] == 0
+        out: list[torch.Tensor | None] = []
+        for i, (store, m) in enumerate(zip(self.inputs.fishers, raw["models"], strict=True)):
+            if store is None:
+                out.append(None)
+                continue
+            if first:
+                self.fisher_offsets[i] = 0
+            tau = m.to(self.device, torch.float32) - b32 if b32 is not None else None
+            dense, used = store.dense_rows(name, tau, rows, self.fisher_offsets[i])
+            self.fisher_offsets[i] += used
+            last = rows is None or rows[1] == self.inputs.reference.tensors[name].shape[0]
+            if store.layout == "support" and last and self.fisher_offsets[i] != store.ckpt.info(name).numel:
+                raise SarmergeError(
+                    f"{store.path}: Fisher tensor {name!r} has {store.ckpt.info(name).numel} support values but the "
+                    f"model moved at {self.fisher_offsets[i]} positions (ε={store.epsilon}); it was computed against "
+                    "a different base"
+                )
+            out.append(dense.to(self.compute))
+        return out
 
 
 def run_merge(
@@ -205,6 +245,7 @@ def run_merge(
     overwrite: bool = False,
     allow_pickle: bool = False,
     progress: bool = True,
+    chunk_elements: int = 1 << 22,
 ) -> dict:
     """Merge per `cfg` into `out` atomically; returns the manifest."""
     t0 = time.perf_counter()
@@ -223,7 +264,8 @@ def run_merge(
             (n, t.shape, out_code if out_code and t.dtype in FLOAT_CODES else t.dtype)
             for n, t in ((n, ref.tensors[n]) for n in inputs.names)
         ]
-        merger = _Merger(cfg, inputs, torch.device(device))
+        merger = _Merger(cfg, inputs, torch.device(device), chunk_elements)
+        items = [item for n in inputs.names for item in merger.items(n)]
         to_hash = [(role, c) for role, c in (("base", inputs.base),) if c] + [("model", m) for m in inputs.models]
         with (
             atomic_output_dir(out, overwrite=overwrite) as tmp,
@@ -236,26 +278,25 @@ def run_merge(
                 if store:
                     hashes.update({str(f): hasher.submit(sha256_file, f) for f in store.ckpt.files})
             writer = ShardedWriter(tmp, plan, shard_bytes, {"sarmerge.method": cfg.method})
-            names = inputs.names
-            pending: Future | None = None
-            next_load = loader.submit(merger.load, names[0]) if names else None
             t_merge = time.perf_counter()
             bar = tqdm(
-                total=sum(ref.tensors[n].nbytes for n in names),
+                total=sum(ref.tensors[n].nbytes for n in inputs.names),
                 unit="B",
                 unit_scale=True,
                 desc=f"merge {cfg.method}",
                 disable=not progress,
             )
-            for i, name in enumerate(names):
+            pending: Future | None = None
+            next_load = loader.submit(merger.load, items[0]) if items else None
+            for i, item in enumerate(items):
                 raw = next_load.result()
-                next_load = loader.submit(merger.load, names[i + 1]) if i + 1 < len(names) else None
-                merged = merger.merge(name, raw)
+                next_load = loader.submit(merger.load, items[i + 1]) if i + 1 < len(items) else None
+                merged = merger.merge(item, raw)
                 del raw
                 if pending is not None:
                     pending.result()
-                pending = writer_pool.submit(writer.write, name, merged)
-                bar.update(ref.tensors[name].nbytes)
+                pending = writer_pool.submit(writer.write, item[0], merged)
+                bar.update(merged.numel() * ref.tensors[item[0]].nbytes // max(1, ref.tensors[item[0]].numel))
             if pending is not None:
                 pending.result()
             writer.close()
@@ -297,7 +338,7 @@ def run_merge(
                 "output": {
                     "files": writer.shard_names,
                     "total_bytes": writer.total_size,
-                    "tensors": len(names),
+                    "tensors": len(inputs.names),
                     "copied": aux,
                 },
                 "runtime": {"device": device, "torch": torch.__version__, "threads": torch.get_num_threads()},

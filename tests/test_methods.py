@@ -24,11 +24,12 @@ def family(shape, n=3, seed=0, sparsity=0.5, dtype=torch.float32):
 
 
 def group(base, models, weights=None, densities=None, fishers=None, seed=0, name="t"):
+    """Methods may work in place on their inputs (as the engine allows), so each group gets its own copies."""
     n = len(models)
     return TensorGroup(
         name=name,
-        base=base,
-        models=models,
+        base=None if base is None else base.clone(),
+        models=[m.clone() for m in models],
         weights=weights or [1.0] * n,
         densities=densities or [None] * n,
         fishers=fishers or [None] * n,

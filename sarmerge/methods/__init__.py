@@ -39,10 +39,12 @@ class TensorGroup:
 
     @cached_property
     def deltas(self) -> list[torch.Tensor]:
-        """Task vectors τ_t = θ_t − θ₀."""
+        """Task vectors τ_t = θ_t − θ₀, computed in place: afterwards `models` is emptied (memory stays N+1 tensors)."""
         if self.base is None:
             raise SarmergeError(f"{self.name}: this method needs base_model")
-        return [m - self.base for m in self.models]
+        out = [m.sub_(self.base) for m in self.models]
+        self.models = []
+        return out
 
     def density(self, i: int, default: float) -> float:
         d = self.densities[i]
@@ -50,10 +52,14 @@ class TensorGroup:
 
     def rand(self, shape: torch.Size) -> torch.Tensor:
         """Uniform [0,1) draws from this tensor's own seeded CPU generator (reproducible on any device)."""
-        return torch.rand(shape, generator=self.generator).to(self.models[0].device)
+        device = (self.base if self.base is not None else self.models[0]).device
+        return torch.rand(shape, generator=self.generator).to(device)
 
 
 MethodFn = Callable[[TensorGroup, Any], torch.Tensor]
+# How the engine may split a tensor for this method without changing its result: "element" (any row chunks),
+# "row" (row chunks; 1-D tensors whole) or "tensor" (whole tensors only: per-tensor top-k, norms, RNG streams).
+Chunking = Literal["element", "row", "tensor"]
 
 
 @dataclass(frozen=True)
@@ -66,6 +72,10 @@ class MergeMethod:
     min_models: int
     max_models: int | None
     description: str
+    chunking: Chunking | Callable[[Any], Chunking]
+
+    def chunking_for(self, params: Params) -> Chunking:
+        return self.chunking(params) if callable(self.chunking) else self.chunking
 
 
 REGISTRY: dict[str, MergeMethod] = {}
@@ -79,15 +89,19 @@ def merge_method(
     fisher: Literal["none", "any", "dense"] = "none",
     min_models: int = 1,
     max_models: int | None = None,
+    chunking: Chunking | Callable[[Any], Chunking] = "tensor",
 ) -> Callable[[MethodFn], MethodFn]:
-    """Register `fn(group, params) -> merged tensor` under `name`."""
+    """Register `fn(group, params) -> merged tensor` under `name`.
+
+    `chunking` declares how the engine may stream a tensor through the method (default: whole tensors).
+    """
 
     def register(fn: MethodFn) -> MethodFn:
         if name in REGISTRY:
             raise RuntimeError(f"merge method {name!r} registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
         REGISTRY[name] = MergeMethod(
-            name, fn, params, needs_base, fisher, min_models, max_models, doc[0] if doc else ""
+            name, fn, params, needs_base, fisher, min_models, max_models, doc[0] if doc else "", chunking
         )
         return fn
 

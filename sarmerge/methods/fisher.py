@@ -10,7 +10,7 @@ class FisherParams(Params):
     floor: float = Field(1e-6, gt=0, description="Fisher values are floored here so every weight has a voice")
 
 
-@merge_method("fisher", params=FisherParams, needs_base=False, fisher="dense")
+@merge_method("fisher", params=FisherParams, needs_base=False, fisher="dense", chunking="element")
 def fisher(g: TensorGroup, p: FisherParams) -> torch.Tensor:
     """θ = Σ w_t F_t θ_t / Σ w_t F_t."""
     num = torch.zeros_like(g.models[0])

@@ -9,7 +9,7 @@ class LinearParams(Params):
     normalize: bool = True
 
 
-@merge_method("linear", params=LinearParams, needs_base=False)
+@merge_method("linear", params=LinearParams, needs_base=False, chunking="element")
 def linear(g: TensorGroup, p: LinearParams) -> torch.Tensor:
     """θ = Σ w_t θ_t / Σ w_t."""
     out = torch.zeros_like(g.models[0])

@@ -5,7 +5,7 @@ import torch
 from sarmerge.methods import Params, TensorGroup, merge_method
 
 
-@merge_method("model_stock", params=Params, min_models=2)
+@merge_method("model_stock", params=Params, min_models=2, chunking="row")
 def model_stock(g: TensorGroup, p: Params) -> torch.Tensor:
     """Per row: t = N·cos/(1 + (N−1)·cos) from the mean pairwise cosine of the τ_t; θ = t·mean(θ_t) + (1−t)·θ₀."""
     shape = g.base.shape
@@ -20,5 +20,5 @@ def model_stock(g: TensorGroup, p: Params) -> torch.Tensor:
     cos = torch.stack(cosines).mean(0).unsqueeze(1)
     denom = 1 + (n - 1) * cos
     t = torch.where(denom.abs() > 1e-8, n * cos / torch.where(denom.abs() > 1e-8, denom, torch.ones_like(denom)), 0.0)
-    average = torch.stack([rows(m) for m in g.models]).mean(0)
+    average = rows(g.base) + torch.stack(deltas).mean(0)  # mean of the θ_t, from the in-place task vectors
     return (t * average + (1 - t) * rows(g.base)).reshape(shape)

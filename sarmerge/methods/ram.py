@@ -45,7 +45,7 @@ def _ram(g: TensorGroup, p: RamParams, boosts: list[float] | None) -> torch.Tens
     return g.base + p.lambda_ * merged
 
 
-@merge_method("ram", params=RamParams)
+@merge_method("ram", params=RamParams, chunking="element")
 def ram(g: TensorGroup, p: RamParams) -> torch.Tensor:
     """Keep τ_t where only model t moved; average the movers where several did."""
     return _ram(g, p, None)

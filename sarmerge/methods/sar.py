@@ -34,6 +34,10 @@ class SarParams(Params):
     def uses_fisher(self) -> bool:
         return self.sensitivity != "delta2" or self.arbitration != "hard"
 
+    def chunking(self) -> str:
+        # Without sparsification the norm rescale is the identity and every step is per entry.
+        return "element" if self.density >= 1.0 and self.rescale in ("norm", "none", "dare") else "tensor"
+
 
 def _fisher_avg(deltas: torch.Tensor, fishers: torch.Tensor, movers: torch.Tensor) -> torch.Tensor:
     f = fishers * movers
@@ -44,7 +48,7 @@ def _fisher_avg(deltas: torch.Tensor, fishers: torch.Tensor, movers: torch.Tenso
     return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), plain)
 
 
-@merge_method("sar", params=SarParams, fisher="any", min_models=1)
+@merge_method("sar", params=SarParams, fisher="any", chunking=lambda p: p.chunking())
 def sar(g: TensorGroup, p: SarParams) -> torch.Tensor:
     """SAR-Merging: unique updates kept, overlaps arbitrated by Fisher sensitivity, sparsified and rescaled."""
     deltas = torch.stack([w * d for w, d in zip(g.weights, g.deltas, strict=True)])

@@ -29,7 +29,7 @@ def slerp_rows(t: float, a: torch.Tensor, b: torch.Tensor, dot_threshold: float)
     return (ca * a2 + cb * b2).reshape(shape)
 
 
-@merge_method("slerp", params=SlerpParams, min_models=1, max_models=1)
+@merge_method("slerp", params=SlerpParams, min_models=1, max_models=1, chunking="row")
 def slerp(g: TensorGroup, p: SlerpParams) -> torch.Tensor:
     """Row-wise SLERP from base_model (t = 0) to the one listed model (t = 1)."""
     return slerp_rows(p.t, g.base, g.models[0], p.dot_threshold)
