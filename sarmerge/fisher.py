@@ -131,11 +131,11 @@ class Example:
     truncated: bool = False  # empirical mode: the reference was cut to fit the context
 
 
-def context_length(config: Any) -> int | None:
-    """The model's maximum sequence length, from its (text) config."""
-    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+def context_length(config: dict[str, Any]) -> int | None:
+    """The model's maximum sequence length, from its config.json (the text part of a multimodal one)."""
+    text_config = config.get("text_config") or config
     for key in ("max_position_embeddings", "n_positions", "max_sequence_length", "seq_length"):
-        value = getattr(text_config, key, None)
+        value = text_config.get(key)
         if isinstance(value, int) and value > 0:
             return value
     return None
@@ -831,25 +831,23 @@ def _default_dtype(device: torch.device) -> str:
     return "float32"
 
 
-def _eos_ids(model: nn.Module, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    for source in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, list | tuple):
-            ids.update(int(t) for t in source)
+def stop_tokens(ckpt: Checkpoint, tokenizer: Any) -> list[int]:
+    """End-of-response ids: generation_config.json's `eos_token_id` (int or list; a chat model's end-of-turn), then
+    the tokenizer's EOS. The first one ends empirical references."""
+    ids: list[int] = []
+    gen_file = ckpt.path / "generation_config.json"
+    gen = {}
+    if ckpt.path.is_dir() and gen_file.is_file():
+        try:
+            gen = json.loads(gen_file.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise SarmergeError(f"{gen_file}: invalid JSON: {e}") from e
+    config_eos = ckpt.config.get("eos_token_id")
+    for source in (gen.get("eos_token_id"), getattr(tokenizer, "eos_token_id", None), config_eos):
+        for token in source if isinstance(source, list) else [source]:
+            if isinstance(token, int) and token not in ids:
+                ids.append(token)
     return ids
-
-
-def _primary_eos(model: nn.Module, tokenizer: Any) -> int | None:
-    gen = getattr(model, "generation_config", None)
-    for source in (getattr(gen, "eos_token_id", None), getattr(tokenizer, "eos_token_id", None)):
-        if isinstance(source, int):
-            return source
-        if isinstance(source, list | tuple) and source:
-            return int(source[0])
-    return None
 
 
 def checkpoint_names(model: nn.Module, ckpt: Checkpoint) -> dict[str, str | None]:
@@ -995,12 +993,14 @@ def run_fisher(
                 tokenizer = load_tokenizer(ckpt.path)
             except (OSError, ValueError) as e:
                 raise SarmergeError(f"{ckpt.path}: cannot load the tokenizer: {e}") from e
-            model = _load_model(ckpt.path, dev, dtype)
-            context = context_length(model.config)
-            eos = _primary_eos(model, tokenizer)
+            stops = stop_tokens(ckpt, tokenizer)
+            eos = stops[0] if stops else None
             pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos or 0)
-            todo = build_examples(records, tokenizer, mode=mode, n_examples=examples, context=context,
-                                  max_new_tokens=max_new_tokens, eos_id=eos, source=str(data_path))
+            # Every record is checked against the context before the model is loaded.
+            todo = build_examples(records, tokenizer, mode=mode, n_examples=examples,
+                                  context=context_length(ckpt.config), max_new_tokens=max_new_tokens, eos_id=eos,
+                                  source=str(data_path))
+            model = _load_model(ckpt.path, dev, dtype)
             names = checkpoint_names(model, ckpt)
             model_digest, file_digests = model_hash.result()
 
@@ -1046,7 +1046,7 @@ def run_fisher(
         try:
             result = estimate_fisher(
                 model, todo, mode=mode, seed=seed, batch_size=batch_size, max_new_tokens=max_new_tokens,
-                eos_ids=_eos_ids(model, tokenizer), pad_id=pad_id, per_example=per_example,
+                eos_ids=set(stops), pad_id=pad_id, per_example=per_example,
                 gradient_checkpointing=gradient_checkpointing, start=start, checkpoint_every=checkpoint_every,
                 on_checkpoint=save_state if checkpoint_every else None, on_batch=on_batch, progress=progress,
             )
