@@ -286,7 +286,8 @@ def sample_responses(model: nn.Module, examples: Sequence[Example], *, seed: int
     ]).to(device)
     ids, attention = ids.to(device), attention.to(device)
     positions = (attention.cumsum(-1) - 1).clamp_(min=0)
-    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
+    first = {"logits_to_keep": 1} if _accepts_logits_to_keep(model) else {}
+    out = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=True, **first)
     responses: list[list[int]] = [[] for _ in examples]
     done = [e.response_limit <= 0 for e in examples]
     for step in range(max(e.response_limit for e in examples)):
@@ -520,10 +521,15 @@ class HookBackend:
 
     def _capture(self, kind: str, module: nn.Module, args: tuple, kwargs: dict, out: Any) -> Any:
         b = self._batch_size
+        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor):
+            raise UnsupportedModel(f"{type(module).__name__}: forward takes more than one tensor")
+        # Per-example structure must be visible: (batch, positions, features) activations, (batch, positions) token
+        # ids. A 2-D activation (e.g. tokens gathered across the batch for MoE experts) could mix examples.
+        if args[0].dim() != (2 if kind == "embedding" else 3) or args[0].shape[0] != b:
+            raise UnsupportedModel(f"{type(module).__name__}: input of shape {list(args[0].shape)} hides which "
+                                   "example each row belongs to")
         if not isinstance(out, torch.Tensor) or out.dim() < 2 or out.shape[0] != b:
             raise UnsupportedModel(f"{type(module).__name__}: output is not a (batch, ...) tensor")
-        if len(args) != 1 or kwargs or not isinstance(args[0], torch.Tensor) or args[0].shape[0] != b:
-            raise UnsupportedModel(f"{type(module).__name__}: forward takes more than one (batch, ...) tensor")
         x = args[0].detach()
         if not out.requires_grad:
             # Parameters are frozen in this mode; a module fed by non-differentiable inputs (the embedding) starts

@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -189,6 +190,37 @@ def test_backends_agree_on_tied_embeddings_and_bf16_weights_keep_fp32_sums(tied)
     F.HookBackend(model16, sums16).accumulate(batch)
     assert rel_err(sums16, squares) < 0.1  # bf16 forward/backward; the sums themselves stay fp32
     assert F.hooks_match_loop(model16, batch) is None
+
+
+class TokensGatheredAcrossTheBatch(torch.nn.Module):
+    """A causal toy LM whose middle Linear sees (batch × positions, features) rows, as MoE experts do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.mix, self.head = torch.nn.Embedding(12, 8), torch.nn.Linear(8, 8), torch.nn.Linear(8, 12)
+
+    def forward(self, input_ids: torch.Tensor, use_cache: bool = False, logits_to_keep: int = 0):
+        h = self.embed(input_ids)
+        b, t, d = h.shape
+        h = torch.tanh(self.mix(h.reshape(b * t, d))).reshape(b, t, d).cumsum(1)  # cumsum keeps it causal
+        logits = self.head(h)
+        return SimpleNamespace(logits=logits[:, -logits_to_keep:] if logits_to_keep else logits)
+
+
+def test_auto_falls_back_to_the_loop_when_hooks_cannot_see_examples():
+    model = TokensGatheredAcrossTheBatch().eval()
+    examples = [F.Example(i, i + 1, [1, 2, 3][: 1 + i % 3], [4 + i, 5, 6][: 1 + i % 2]) for i in range(5)]
+    want = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for e in examples:
+        ll = F.response_logprob(model, F.examples_batch([e], "cpu", 0)).sum()
+        for (name, _), g in zip(model.named_parameters(), torch.autograd.grad(ll, list(model.parameters())),
+                                strict=True):
+            want[name] += g**2
+    result = F.estimate_fisher(model, examples, mode="empirical", batch_size=5)
+    assert result.backend == "loop" and rel_err(result.sums, want) < 1e-5
+    with pytest.raises(SarmergeError, match="hides which example"):
+        F.estimate_fisher(model, examples, mode="empirical", per_example="hooks")
 
 
 def test_gradient_checkpointing_gives_the_same_fisher_and_sampling_still_uses_the_cache(fam):
