@@ -185,6 +185,20 @@ def test_aggregated_stats_equal_the_stats_of_the_concatenated_vectors():
                 assert got["models"][label][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
 
 
+def test_chunked_processing_matches_one_pass_and_leaves_the_inputs_untouched():
+    g = torch.Generator().manual_seed(6)
+    base = torch.randn(37, 23, generator=g)
+    models = [base + (torch.rand(37, 23, generator=g) < p) * torch.randn(37, 23, generator=g) for p in (0.3, 0.6)]
+    copies = [base.clone(), *(m.clone() for m in models)]
+    one = tensor_stats(base, models, eps=1e-5, top_k=3, chunk_elems=10**9).derive(LABELS)
+    rows = tensor_stats(base, models, eps=1e-5, top_k=3, chunk_elems=50).derive(LABELS)  # 2 rows per chunk
+    assert all(torch.equal(a, b) for a, b in zip(copies, [base, *models], strict=True))
+    numeric = lambda d: {k: v for k, v in d.items() if not isinstance(v, str)}  # noqa: E731
+    assert numeric(rows["pairs"][0]) == pytest.approx(numeric(one["pairs"][0]), rel=1e-5)
+    for label in LABELS:
+        assert rows["models"][label] == pytest.approx(one["models"][label], rel=1e-5)
+
+
 def test_layer_and_module_names_are_parsed():
     assert layer_of("model.layers.17.mlp.down_proj.weight") == 17
     assert layer_of("transformer.h.3.attn.c_attn.weight") == 3
