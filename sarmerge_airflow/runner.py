@@ -1,0 +1,126 @@
+"""The one runner switch every DAG task goes through (SPEC §8 Containers): a step is `python -m <module> <args>`, and
+the runner decides where that command runs.
+
+- `local` (implemented): a subprocess of the Airflow worker, in its own process group (killed with the task).
+- `docker` / `kubernetes`: DockerOperator / KubernetesPodOperator running the same command in the project's image.
+  They plug in here and nowhere else: add a builder to `_BUILDERS` taking the same arguments as `_local`.
+
+The runner is chosen by `SARMERGE_RUNNER` or params.yaml `pipeline.runner`; an unknown name fails at DAG parse time,
+naming the setting. Every step prints its result as the last stdout line (`SARMERGE_RESULT {...}`, tasks/common.py);
+the operator returns it as the task's XCom, and with `push_keys` pushes each top-level key of a dict result under its
+own XCom key, so mapped tasks can `expand` over `task.output["<key>"]`.
+
+Paths passed to steps are absolute paths under the pipeline root; container runners must mount that root at the same
+path.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from collections import deque
+from collections.abc import Callable, Sequence
+from datetime import timedelta
+from typing import Any
+
+from airflow.sdk import BaseOperator
+from airflow.sdk.exceptions import AirflowException
+
+from tasks.params import REPO_ROOT, Params
+
+RESULT_PREFIX = "SARMERGE_RESULT "  # = tasks.common.RESULT_PREFIX (not imported: that module pulls in sarmerge)
+
+
+class LocalStepOperator(BaseOperator):
+    """Run `python -m <module> <prefix> <args> <suffix>` as a subprocess; its RESULT line becomes the XCom."""
+
+    template_fields: Sequence[str] = ("args", "suffix")
+    ui_color = "#e8f4ea"
+
+    def __init__(self, *, module: str, args: Sequence[Any] = (), prefix: Sequence[str] = (),
+                 suffix: Sequence[Any] = (), push_keys: bool = False, python: str | None = None,
+                 env: dict[str, str] | None = None, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.module, self.args, self.prefix, self.suffix = module, list(args), list(prefix), list(suffix)
+        self.push_keys, self.python, self.env = push_keys, python, env or {}
+        self._proc: subprocess.Popen[str] | None = None
+
+    def command(self) -> list[str]:
+        return [self.python or sys.executable, "-m", self.module, *self.prefix, *map(str, self.args),
+                *map(str, self.suffix)]
+
+    def execute(self, context: Any) -> Any:
+        cmd = self.command()
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **self.env}
+        self.log.info("running %s", " ".join(cmd))
+        tail: deque[str] = deque(maxlen=40)
+        result: Any = None
+        self._proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True, bufsize=1, start_new_session=True)
+        assert self._proc.stdout is not None
+        for line in self._proc.stdout:
+            line = line.rstrip("\n")
+            if line.startswith(RESULT_PREFIX):
+                result = json.loads(line[len(RESULT_PREFIX):])
+                continue
+            tail.append(line)
+            self.log.info("%s", line)
+        rc = self._proc.wait()
+        self._proc = None
+        if rc != 0:
+            last = next((ln for ln in reversed(tail) if ln.strip()), "")
+            raise AirflowException(f"{self.module} exited with status {rc}: {last}")
+        if self.push_keys and isinstance(result, dict):
+            for key, value in result.items():
+                context["ti"].xcom_push(key=key, value=value)
+        return result
+
+    def on_kill(self) -> None:
+        proc = self._proc
+        if proc is not None and proc.poll() is None:
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+                proc.wait(timeout=20)
+            except (ProcessLookupError, subprocess.TimeoutExpired):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+
+def _local(params: Params, *, task_id: str, module: str, gpu: bool, mapped_args: Any = None,
+           **kwargs: Any) -> BaseOperator:
+    python = params.pipeline.python or None
+    if mapped_args is not None:
+        return LocalStepOperator.partial(task_id=task_id, module=module, python=python, **kwargs).expand(
+            args=mapped_args)
+    return LocalStepOperator(task_id=task_id, module=module, python=python, **kwargs)
+
+
+_BUILDERS: dict[str, Callable[..., BaseOperator]] = {"local": _local}
+
+
+class Runner:
+    """Builds the operator of each step for the configured runner."""
+
+    def __init__(self, params: Params) -> None:
+        self.params = params
+        self.name = params.runner
+        if self.name not in _BUILDERS:
+            raise ValueError(f"pipeline.runner (or $SARMERGE_RUNNER) = {self.name!r}: unknown runner; available: "
+                             f"{', '.join(sorted(_BUILDERS))}")
+        self._build = _BUILDERS[self.name]
+
+    def defaults(self) -> dict[str, Any]:
+        p = self.params.pipeline
+        return {"retries": p.retries, "retry_delay": timedelta(seconds=10),
+                "execution_timeout": timedelta(seconds=p.step_timeout_s)}
+
+    def step(self, task_id: str, module: str, args: Sequence[Any] = (), *, gpu: bool = False,
+             **kwargs: Any) -> BaseOperator:
+        """One task running `python -m module *args` (args may hold Jinja templates and XComArgs)."""
+        return self._build(self.params, task_id=task_id, module=module, gpu=gpu, args=list(args), **kwargs)
+
+    def mapped(self, task_id: str, module: str, args_list: Any, *, gpu: bool = False, **kwargs: Any) -> Any:
+        """One mapped task instance per argument list in `args_list` (an XComArg of lists)."""
+        return self._build(self.params, task_id=task_id, module=module, gpu=gpu, mapped_args=args_list, **kwargs)

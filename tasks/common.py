@@ -1,0 +1,75 @@
+"""Small helpers shared by the steps: logging, the result line, atomic JSON, subprocesses, exit codes."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import subprocess
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sarmerge.errors import SarmergeError
+
+# The last stdout line of every step is `RESULT_PREFIX + json`: the local runner and DockerOperator (which pushes the
+# last log line to XCom) both hand it to the next task.
+RESULT_PREFIX = "SARMERGE_RESULT "
+
+
+def setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr, force=True)
+
+
+def emit_result(result: Any) -> None:
+    sys.stdout.flush()
+    print(RESULT_PREFIX + json.dumps(result, sort_keys=True), flush=True)
+
+
+def parse_result(output: str) -> Any:
+    """The result a step printed (its last RESULT line), or None."""
+    for line in reversed(output.splitlines()):
+        if line.startswith(RESULT_PREFIX):
+            return json.loads(line[len(RESULT_PREFIX):])
+    return None
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text())
+    except OSError as e:
+        raise SarmergeError(f"{path}: cannot read: {e.strerror}") from e
+    except json.JSONDecodeError as e:
+        raise SarmergeError(f"{path}: invalid JSON: {e}") from e
+
+
+def run(cmd: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | None = None, check: bool = True,
+        what: str | None = None, timeout: float | None = None) -> subprocess.CompletedProcess[str]:
+    """Run a command, capturing output; a failure raises SarmergeError with the command and its stderr tail."""
+    logging.getLogger(__name__).debug("$ %s (cwd %s)", " ".join(cmd), cwd)
+    proc = subprocess.run(list(cmd), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        tail = (proc.stderr or proc.stdout).strip()[-2000:]
+        raise SarmergeError(f"{what or cmd[0]}: `{' '.join(cmd)}` failed with exit {proc.returncode}: {tail}")
+    return proc
+
+
+def step_main(name: str, fn: Callable[[], Any]) -> int:
+    """Run a step body: its result becomes the RESULT line; a SarmergeError exits 2 with one clear message."""
+    setup_logging(os.environ.get("SARMERGE_VERBOSE") == "1")
+    try:
+        result = fn()
+    except SarmergeError as e:
+        print(f"{name}: error: {e}", file=sys.stderr)
+        return 2
+    emit_result(result)
+    return 0

@@ -1,0 +1,231 @@
+"""`params.yaml`: the pipeline's tunables, validated before any work (SPEC §2). DVC reads the same file for `dvc repro`.
+
+Environment overrides (for deployments that cannot edit the file): `SARMERGE_PARAMS` (path of the file),
+`SARMERGE_PIPELINE_ROOT` (pipeline.root), `SARMERGE_RUNNER` (pipeline.runner).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from sarmerge.errors import SarmergeError
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class PipelineCfg(_Strict):
+    root: str = Field("runs/pipeline", description="workspaces, caches, ledger, lineage repo, DVC remote (relative "
+                                                   "to the repo)")
+    runner: str = Field("local", description="how DAG tasks run steps: local | docker | kubernetes")
+    experiment: str = Field("sarmerge-pipeline", description="MLflow experiment of pipeline runs")
+    python: str = Field("", description="interpreter for local steps (default: the one running Airflow)")
+    step_timeout_s: int = Field(3600, gt=0)
+    retries: int = Field(1, ge=0)
+
+
+class FamilyCfg(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
+    models: str = Field(description="regex (full match) on registered-model names of this family's RLVR checkpoints")
+    merged_model: str = Field(description="registered model that receives the merged versions")
+
+    @field_validator("models")
+    @classmethod
+    def _compiles(cls, v: str) -> str:
+        try:
+            re.compile(v)
+        except re.error as e:
+            raise ValueError(f"invalid regex {v!r}: {e}") from e
+        return v
+
+    def matches(self, model_name: str) -> bool:
+        return re.fullmatch(self.models, model_name) is not None
+
+    @property
+    def asset_name(self) -> str:
+        return f"sarmerge_family_{self.name}"
+
+    @property
+    def asset_uri(self) -> str:
+        return f"mlflow-registry://sarmerge/{self.name}"
+
+
+class RelayCfg(_Strict):
+    max_age_s: int = Field(300, gt=0, description="reject deliveries older (or further in the future) than this")
+
+
+class TriggerCfg(_Strict):
+    watcher: bool = True
+    poll_interval_s: float = Field(5.0, gt=0)
+    relay: RelayCfg = Field(default_factory=RelayCfg)
+
+
+class PairingCfg(_Strict):
+    fusion: bool = Field(True, description="merge with the champion (else latest) of every other domain, same base")
+    enhancement: bool = Field(True, description="merge with the other versions of the same domain, same base")
+    partner_alias: str = "champion"
+    max_partners: int = Field(3, ge=1)
+    sweep_unprocessed: bool = Field(True, description="also claim unprocessed versions no event named (lost events)")
+
+
+class MergeCfg(_Strict):
+    primary: str = "sar"
+    seed: int = 0
+    dtype: Literal["float32", "float64", "bfloat16", "float16"] = "float32"
+    methods: dict[str, dict[str, Any]] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _primary_listed(self) -> MergeCfg:
+        if self.primary not in self.methods:
+            raise ValueError(f"merge.primary {self.primary!r} is not one of merge.methods {sorted(self.methods)}")
+        return self
+
+
+class FisherCfg(_Strict):
+    mode: Literal["sampled", "empirical"] = "sampled"
+    examples: int = Field(16, ge=1)
+    batch_size: int = Field(4, ge=1)
+    max_new_tokens: int = Field(16, ge=1)
+    seed: int = 0
+    support_only: bool = True
+    device: str | None = None
+    data: dict[str, str] = Field(default_factory=lambda: {"math": "math", "code": "code"},
+                                 description="domain → calibration JSONL (path or shipped name), used when the "
+                                             "checkpoint was registered without --calib")
+
+
+class EvaluateCfg(_Strict):
+    suites: dict[str, str] = Field(description="domain → evaluation suite (own-domain score)", min_length=1)
+    limit: int | None = Field(32, ge=1)
+    seed: int = 0
+    backend: str = "hf"
+    batch_size: int = Field(16, ge=1)
+    max_new_tokens: int | None = Field(None, ge=1)
+    device: str | None = None
+
+
+class AnalyzeCfg(_Strict):
+    geometry: bool = True
+    epsilon: float = Field(1e-5, ge=0)
+
+
+class GateCfg(_Strict):
+    min_retention: float = Field(0.9, ge=0, description="each parent's own-domain score retained ≥ this fraction")
+    no_suite_below_base: bool = True
+    base_margin: float = Field(0.0, ge=0, description="a suite may sit this much below the base before it fails")
+
+
+class PromoteCfg(_Strict):
+    auto_promote: bool = False
+    candidate_alias: str = "candidate"
+    champion_alias: str = "champion"
+
+
+class RegressionCfg(_Strict):
+    schedule: str | None = "0 3 * * *"
+    aliases: list[str] = Field(default_factory=lambda: ["champion"])
+    tolerance: float = Field(0.05, ge=0, description="absolute drop in a suite score that flags a regression")
+    limit: int | None = Field(None, ge=1, description="eval limit (default: evaluate.limit, as at registration)")
+
+
+class DvcCfg(_Strict):
+    remote: str = Field("", description="DVC remote URL (s3://…, gs://…, a path); empty: <root>/dvc-remote")
+    git_remote: str = Field("", description="git remote receiving lineage commits; empty: <root>/lineage.git")
+
+
+class JobParent(_Strict):
+    domain: str
+    model: str = Field("", description="registry URI it came from (informational)")
+
+
+class JobCfg(_Strict):
+    """The job a DVC workspace reproduces. The repo's own params.yaml holds one for `dvc repro` by hand."""
+
+    id: str = "manual"
+    family: str = ""
+    inputs: str = Field(description="folder with base/, one folder per parent, calib_<domain>.jsonl")
+    out: str = "out"
+    base: str = "base"
+    parents: dict[str, JobParent] = Field(min_length=1, description="parent folder name → its domain")
+    suites: list[str] = Field(min_length=1, description="suites every model of the job is evaluated on")
+
+
+class Params(_Strict):
+    pipeline: PipelineCfg = Field(default_factory=PipelineCfg)
+    families: list[FamilyCfg] = Field(min_length=1)
+    trigger: TriggerCfg = Field(default_factory=TriggerCfg)
+    pairing: PairingCfg = Field(default_factory=PairingCfg)
+    merge: MergeCfg
+    fisher: FisherCfg = Field(default_factory=FisherCfg)
+    evaluate: EvaluateCfg
+    analyze: AnalyzeCfg = Field(default_factory=AnalyzeCfg)
+    gate: GateCfg = Field(default_factory=GateCfg)
+    promote: PromoteCfg = Field(default_factory=PromoteCfg)
+    regression: RegressionCfg = Field(default_factory=RegressionCfg)
+    dvc: DvcCfg = Field(default_factory=DvcCfg)
+    job: JobCfg | None = None
+
+    def family_of(self, model_name: str) -> FamilyCfg | None:
+        return next((f for f in self.families if f.matches(model_name)), None)
+
+    def family_named(self, name: str) -> FamilyCfg:
+        for f in self.families:
+            if f.name == name:
+                return f
+        raise SarmergeError(f"params.yaml: no family named {name!r} (known: {[f.name for f in self.families]})")
+
+    @property
+    def root(self) -> Path:
+        p = Path(os.environ.get("SARMERGE_PIPELINE_ROOT") or self.pipeline.root)
+        return p if p.is_absolute() else (REPO_ROOT / p)
+
+    @property
+    def runner(self) -> str:
+        return os.environ.get("SARMERGE_RUNNER") or self.pipeline.runner
+
+
+def _describe(e: ValidationError, source: str) -> str:
+    parts = []
+    for err in e.errors():
+        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
+        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
+        parts.append(f"{source}: field '{loc}': {msg} (got {err.get('input')!r})")
+    return "; ".join(parts[:5]) + (f"; and {len(parts) - 5} more" if len(parts) > 5 else "")
+
+
+def params_path(explicit: str | Path | None = None) -> Path:
+    return Path(explicit or os.environ.get("SARMERGE_PARAMS") or DEFAULT_PARAMS)
+
+
+def load_params(path: str | Path | None = None) -> Params:
+    path = params_path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise SarmergeError(f"{path}: cannot read params: {e.strerror}") from e
+    except yaml.YAMLError as e:
+        raise SarmergeError(f"{path}: invalid YAML: {e}") from e
+    return parse_params(raw, source=str(path))
+
+
+def parse_params(raw: Any, source: str = "params.yaml") -> Params:
+    if not isinstance(raw, dict):
+        raise SarmergeError(f"{source}: expected a mapping of sections (pipeline, families, merge, ...)")
+    try:
+        return Params.model_validate(raw)
+    except ValidationError as e:
+        raise SarmergeError(_describe(e, source)) from None
+
+
+def dump_params(params: Params) -> str:
+    return yaml.safe_dump(params.model_dump(mode="json", exclude_none=False), sort_keys=False)

@@ -1,0 +1,167 @@
+"""Helpers for the pipeline tests: real servers on free loopback ports (started and stopped by PID), a small RLVR-like
+family, and an Airflow home with a migrated database."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+VENV_BIN = Path(sys.executable).parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log and log.exists() else ""
+            raise RuntimeError(f"server exited with {proc.returncode} before {url} answered:\n{tail}")
+        with contextlib.suppress(OSError):
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status < 500:
+                    return
+        time.sleep(0.3)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+    """SIGTERM the process group we started (by its PID), then SIGKILL whatever is left."""
+    if proc.poll() is None or _group_alive(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and _group_alive(proc.pid):
+            time.sleep(0.2)
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(subprocess.TimeoutExpired):
+        proc.wait(timeout=5)
+
+
+def _group_alive(pgid: int) -> bool:
+    try:
+        os.killpg(pgid, 0)
+        return True
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+
+
+class MlflowServer:
+    def __init__(self, root: Path, *, webhooks_key: str | None = None) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = root / "mlflow.log"
+        env = {**os.environ,
+               "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": webhooks_key or "sarmerge-test-key-0123456789abcdef",
+               "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
+               "MLFLOW_WEBHOOK_CACHE_TTL": "1"}
+        root.mkdir(parents=True, exist_ok=True)
+        self.proc = subprocess.Popen(
+            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+             "--workers", "1"],
+            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
+        wait_http(f"{self.url}/health", 120, self.proc, self.log)
+
+    def stop(self) -> None:
+        stop_group(self.proc)
+
+
+# -- a small RLVR-like family: sparse bf16 updates of one tiny base ------------------------------------------------
+CALIB = {
+    "math": [{"prompt": f"{a}+{b}=", "response": str(a + b)} for a, b in [(3, 4), (12, 7), (25, 30), (8, 9), (40, 2),
+                                                                          (61, 17), (5, 5), (33, 44)]],
+    "code": [{"prompt": f"print('{w}'.upper())=", "response": w.upper()} for w in
+             ["ab", "cat", "dog", "hi", "xyz", "moon", "sun", "tree"]],
+}
+
+
+def make_family(out: Path, specs: list[tuple[str, str, int]] | None = None, *, base_seed: int = 0,
+                density: float = 0.1, scale: float = 0.05) -> dict[str, Path]:
+    """base/ plus one checkpoint per (name, domain, seed) moving a random `density` of the base's weights, in bf16
+    (like RLVR updates), and calib_<domain>.jsonl; deterministic for the seeds."""
+    import torch
+
+    from sarmerge.zoo.tiny import save_checkpoint, tiny_model
+
+    specs = specs or [("math_s0", "math", 1), ("code_s0", "code", 2)]
+    out.mkdir(parents=True, exist_ok=True)
+    base, tok = tiny_model(seed=base_seed)
+    base = base.to(torch.bfloat16)
+    paths = {"base": save_checkpoint(base, tok, out / "base")}
+    state = {k: v.clone() for k, v in base.state_dict().items()}
+    for name, _domain, seed in specs:
+        g = torch.Generator().manual_seed(seed)
+        model, _ = tiny_model(seed=base_seed)
+        model = model.to(torch.bfloat16)
+        new = {}
+        for k, v in state.items():
+            mask = torch.rand(v.shape, generator=g) < density
+            noise = torch.randn(v.shape, generator=g) * scale
+            new[k] = (v.float() + mask * noise).to(v.dtype)
+        model.load_state_dict(new)
+        paths[name] = save_checkpoint(model, tok, out / name)
+    for domain in {d for _, d, _ in specs}:
+        f = out / f"calib_{domain}.jsonl"
+        f.write_text("".join(json.dumps(r) + "\n" for r in CALIB[domain]))
+        paths[f"calib_{domain}"] = f
+    return paths
+
+
+def airflow_env(home: Path, dags: Path | None = None, **extra: str) -> dict[str, str]:
+    return {
+        **os.environ,
+        "PATH": f"{VENV_BIN}:{os.environ.get('PATH', '')}",
+        "AIRFLOW_HOME": str(home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(dags or REPO / "dags"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        **extra,
+    }
+
+
+def migrate_airflow(home: Path, template: Path | None = None) -> None:
+    """A migrated Airflow DB in `home` (copied from `template` when given: migrating takes seconds)."""
+    home.mkdir(parents=True, exist_ok=True)
+    if template is not None and (template / "airflow.db").exists():
+        shutil.copy(template / "airflow.db", home / "airflow.db")
+        return
+    subprocess.run([str(VENV_BIN / "airflow"), "db", "migrate"], env=airflow_env(home), check=True,
+                   capture_output=True, text=True, timeout=300)
+
+
+@contextlib.contextmanager
+def env_vars(**values: str | None) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    for k, v in values.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    try:
+        yield
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
