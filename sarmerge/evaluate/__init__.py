@@ -17,6 +17,8 @@ from sarmerge.evaluate.benchmarks import (
     register_family,
     register_suite,
     resolve_suites,
+    score_code,
+    score_math,
 )
 from sarmerge.evaluate.runner import evaluate
 from sarmerge.evaluate.sandbox import Sandbox, SandboxLimits
@@ -36,4 +38,6 @@ __all__ = [
     "register_family",
     "register_suite",
     "resolve_suites",
+    "score_code",
+    "score_math",
 ]
