@@ -2,8 +2,8 @@
 the runner decides where that command runs.
 
 - `local` (implemented): a subprocess of the Airflow worker, in its own process group (killed with the task).
-- `docker` / `kubernetes`: DockerOperator / KubernetesPodOperator running the same command in the project's image.
-  They plug in here and nowhere else: add a builder to `_BUILDERS` taking the same arguments as `_local`.
+- `docker` / `kubernetes`: DockerOperator / KubernetesPodOperator running the same command in the project's image
+  (sarmerge_airflow/containers.py; images, socket and cluster settings from params.yaml `containers:`).
 
 The runner is chosen by `SARMERGE_RUNNER` or params.yaml `pipeline.runner`; an unknown name fails at DAG parse time,
 naming the setting. Every step prints its result as the last stdout line (`SARMERGE_RESULT {...}`, tasks/common.py);
@@ -97,7 +97,17 @@ def _local(params: Params, *, task_id: str, module: str, gpu: bool, mapped_args:
     return LocalStepOperator(task_id=task_id, module=module, python=python, **kwargs)
 
 
-_BUILDERS: dict[str, Callable[..., BaseOperator]] = {"local": _local}
+def _container(kind: str) -> Callable[..., BaseOperator]:
+    def build(params: Params, **kwargs: Any) -> BaseOperator:
+        from sarmerge_airflow.containers import build  # providers are imported only by DAGs that use them
+
+        return build(kind, params, **kwargs)
+
+    return build
+
+
+_BUILDERS: dict[str, Callable[..., BaseOperator]] = {"local": _local, "docker": _container("docker"),
+                                                     "kubernetes": _container("kubernetes")}
 
 
 class Runner:

@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sarmerge.errors import SarmergeError
+from tasks.containers import ContainersCfg
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_PARAMS = REPO_ROOT / "params.yaml"
@@ -173,6 +174,8 @@ class Params(_Strict):
     promote: PromoteCfg = Field(default_factory=PromoteCfg)
     regression: RegressionCfg = Field(default_factory=RegressionCfg)
     dvc: DvcCfg = Field(default_factory=DvcCfg)
+    containers: ContainersCfg = Field(default_factory=ContainersCfg, description="docker/kubernetes runners "
+                                                                                   "(tasks/containers.py)")
     job: JobCfg | None = None
 
     def family_of(self, model_name: str) -> FamilyCfg | None:

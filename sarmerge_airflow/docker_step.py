@@ -1,0 +1,105 @@
+"""DockerOperator running one pipeline step (`pipeline.runner: docker`); built by sarmerge_airflow/containers.py.
+
+Behaves like the local runner's LocalStepOperator: the step's SARMERGE_RESULT line becomes the XCom (each key pushed
+separately with `push_keys`), a failure names the step, its exit status and last output line.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from airflow.providers.docker.exceptions import DockerContainerFailedException
+from airflow.providers.docker.operators.docker import DockerOperator
+from airflow.sdk.exceptions import AirflowException, AirflowFailException
+from docker.errors import DockerException
+from docker.types import DeviceRequest
+
+from sarmerge_airflow.containers import STEP_ENTRYPOINT, forwarded_env, last_line, parse_result
+
+
+class StepDockerOperator(DockerOperator):
+    template_fields: Sequence[str] = (*DockerOperator.template_fields, "args", "suffix")
+    ui_color = "#e3effa"
+
+    def __init__(self, *, module: str, args: Sequence[Any] = (), prefix: Sequence[str] = (),
+                 suffix: Sequence[Any] = (), push_keys: bool = False, pass_env: Sequence[str] = (),
+                 run_as: str = "worker", pull: str = "missing", gpus: int = 0, gpu_step: bool = False,
+                 **kwargs: Any) -> None:
+        if gpus:
+            # `docker run --gpus N`: the NVIDIA container toolkit on the Docker host maps N GPUs in
+            kwargs["device_requests"] = [DeviceRequest(count=gpus, capabilities=[["gpu"]])]
+        kwargs.setdefault("xcom_all", True)  # every log line: the result line need not be the last one
+        super().__init__(**kwargs)
+        self.module, self.args, self.prefix, self.suffix = module, list(args), list(prefix), list(suffix)
+        self.push_keys, self.pass_env, self.run_as, self.pull = push_keys, list(pass_env), run_as, pull
+        self.gpus, self.gpu_step = gpus, gpu_step
+
+    def step_command(self) -> list[str]:
+        return [STEP_ENTRYPOINT, self.module, *map(str, self.prefix), *map(str, self.args), *map(str, self.suffix)]
+
+    # -- checks at task start, each naming the setting to fix --------------------------------------------------------
+    def _check_engine(self) -> None:
+        url = self.docker_url if isinstance(self.docker_url, str) else self.docker_url[0]
+        if url.startswith("unix://"):
+            sock = Path("/" + url.removeprefix("unix://").lstrip("/"))
+            if not sock.is_socket():
+                raise AirflowFailException(
+                    f"containers.docker.url (or $DOCKER_HOST) = {url}: no Docker API socket at {sock}. Start the "
+                    f"engine (on this machine: `bash scripts/containers.sh start`) or point the setting at one")
+        try:
+            self.cli.ping()  # the hook raises AirflowException when no host answers
+        except (DockerException, AirflowException) as e:
+            raise AirflowFailException(f"containers.docker.url (or $DOCKER_HOST) = {url}: the Docker API does not "
+                                       f"answer: {e}") from e
+
+    def _ensure_image(self) -> None:
+        setting = "containers.gpu_image (or $SARMERGE_GPU_IMAGE)" if self.gpu_step else \
+            "containers.cpu_image (or $SARMERGE_CPU_IMAGE)"
+        present = bool(self.cli.images(name=self.image))
+        if present and self.pull != "always":
+            return
+        if self.pull == "never":
+            raise AirflowFailException(
+                f"{setting} = {self.image!r}: no such image on the Docker host and containers.docker.pull is "
+                f"'never'. Build it (docker build -f docker/Dockerfile.cpu|cuda -t {self.image} ., or here `bash "
+                f"scripts/containers.sh build`)")
+        self.log.info("pulling %s", self.image)
+        try:
+            for _ in self.cli.pull(self.image, stream=True, decode=True):
+                pass
+        except DockerException as e:
+            raise AirflowFailException(f"{setting} = {self.image!r}: cannot pull it ({e}); build it or push it to a "
+                                       f"registry the Docker host reaches") from e
+        if not self.cli.images(name=self.image):
+            raise AirflowFailException(f"{setting} = {self.image!r}: the pull did not produce the image")
+
+    # -- run ---------------------------------------------------------------------------------------------------------
+    def execute(self, context: Any) -> Any:
+        self.command = self.step_command()
+        self.user = {"worker": f"{os.getuid()}:{os.getgid()}", "image": None}.get(self.run_as, self.run_as)
+        # credentials and endpoints of the worker, read now (never stored in the serialized DAG)
+        self._private_environment = {**forwarded_env(self.pass_env), **self._private_environment}
+        self._check_engine()
+        self._normalize_mounts()
+        if str(self.docker_url).startswith("unix://"):  # a local engine: bind sources must exist
+            for m in self.mounts:
+                source = m.get("Source")
+                if source and not Path(source).exists():
+                    Path(source).mkdir(parents=True, exist_ok=True)
+        self._ensure_image()
+        self.log.info("running %s in %s", " ".join(self.command), self.image)
+        try:
+            lines = self._run_image() or []
+        except DockerContainerFailedException as e:
+            raise AirflowException(f"{self.module} failed in a container of {self.image} ({e}): "
+                                   f"{last_line(e.logs or [])}") from e
+        if isinstance(lines, str):
+            lines = [lines]
+        result = parse_result(lines)
+        if self.push_keys and isinstance(result, dict):
+            for key, value in result.items():
+                context["ti"].xcom_push(key=key, value=value)
+        return result

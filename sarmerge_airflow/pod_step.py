@@ -1,0 +1,47 @@
+"""KubernetesPodOperator running one pipeline step (`pipeline.runner: kubernetes`); built by
+sarmerge_airflow/containers.py.
+
+The pod runs `sarmerge-step <module> <args>`, which also writes the step's result to /airflow/xcom/return.json, where
+the operator's XCom sidecar reads it; with `push_keys` each key of a dict result is pushed under its own XCom key.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
+from kubernetes.client import models as k8s
+
+from sarmerge_airflow.containers import forwarded_env
+
+
+class StepPodOperator(KubernetesPodOperator):
+    template_fields: Sequence[str] = (*KubernetesPodOperator.template_fields, "args", "suffix")
+    ui_color = "#eae3fa"
+
+    def __init__(self, *, module: str, args: Sequence[Any] = (), prefix: Sequence[str] = (),
+                 suffix: Sequence[Any] = (), push_keys: bool = False, pass_env: Sequence[str] = (),
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.module, self.args, self.prefix, self.suffix = module, list(args), list(prefix), list(suffix)
+        self.push_keys, self.pass_env = push_keys, list(pass_env)
+
+    def step_arguments(self) -> list[str]:
+        return [self.module, *map(str, self.prefix), *map(str, self.args), *map(str, self.suffix)]
+
+    def build_pod_request_obj(self, context: Any = None, *, dry_run: bool = False) -> k8s.V1Pod:
+        self.arguments = self.step_arguments()
+        if not dry_run:  # the worker's MLflow endpoint and the like, read at task start
+            present = {e.name for e in self.env_vars or [] if isinstance(e, k8s.V1EnvVar)}
+            self.env_vars = [*(self.env_vars or []),
+                             *(k8s.V1EnvVar(name=k, value=v) for k, v in forwarded_env(self.pass_env).items()
+                               if k not in present)]
+        return super().build_pod_request_obj(context, dry_run=dry_run)
+
+    def execute(self, context: Any) -> Any:
+        result = super().execute(context)
+        if self.push_keys and isinstance(result, dict):
+            for key, value in result.items():
+                context["ti"].xcom_push(key=key, value=value)
+        return result
