@@ -123,7 +123,7 @@ class Runner:
 
     def defaults(self) -> dict[str, Any]:
         p = self.params.pipeline
-        return {"retries": p.retries, "retry_delay": timedelta(seconds=10),
+        return {"retries": p.retries, "retry_delay": timedelta(seconds=p.retry_delay_s),
                 "execution_timeout": timedelta(seconds=p.step_timeout_s)}
 
     def step(self, task_id: str, module: str, args: Sequence[Any] = (), *, gpu: bool = False,

@@ -73,3 +73,23 @@ def step_main(name: str, fn: Callable[[], Any]) -> int:
         return 2
     emit_result(result)
     return 0
+
+
+def fault_point(name: str) -> None:
+    """Fault injection for the retry tests: SIGKILL this process here when $SARMERGE_FAULT names this point.
+
+    With $SARMERGE_FAULT_ONCE set to a folder, only the first process to reach the point dies (it leaves a marker
+    file there), so an Airflow retry of the same task then runs through. Never set in production."""
+    wanted = os.environ.get("SARMERGE_FAULT", "")
+    if name not in wanted.split(","):
+        return
+    once = os.environ.get("SARMERGE_FAULT_ONCE")
+    if once:
+        Path(once).mkdir(parents=True, exist_ok=True)
+        try:
+            os.close(os.open(Path(once) / name, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        except FileExistsError:
+            return
+    logging.getLogger(__name__).warning("fault injection: killing process %d at %s", os.getpid(), name)
+    sys.stderr.flush()
+    os.kill(os.getpid(), 9)

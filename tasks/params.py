@@ -33,6 +33,7 @@ class PipelineCfg(_Strict):
     python: str = Field("", description="interpreter for local steps (default: the one running Airflow)")
     step_timeout_s: int = Field(3600, gt=0)
     retries: int = Field(1, ge=0)
+    retry_delay_s: float = Field(10.0, ge=0)
 
 
 class FamilyCfg(_Strict):

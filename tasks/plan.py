@@ -25,7 +25,7 @@ from typing import Any
 from sarmerge.errors import SarmergeError
 from tasks import registry as reg
 from tasks.cache import cached
-from tasks.common import step_main
+from tasks.common import fault_point, step_main
 from tasks.ledger import Ledger
 from tasks.params import JobCfg, JobParent, Params, load_params
 from tasks.workspace import Workspace
@@ -120,6 +120,7 @@ class Planner:
             self.skip(ref, f"already {record['state']} by this DAG run")
             return False
         reg.set_tags(self.client, ref, {reg.TAG_STATE: "claimed", reg.TAG_CLAIMED_BY: self.dag_run})
+        fault_point("plan.after_claim")
         return True
 
     # -- pairing ------------------------------------------------------------------------------------------------

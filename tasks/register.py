@@ -21,7 +21,7 @@ from typing import Any
 
 from sarmerge.errors import SarmergeError
 from tasks import registry as reg
-from tasks.common import emit_result, setup_logging
+from tasks.common import emit_result, fault_point, setup_logging
 
 log = logging.getLogger(__name__)
 CALIB_ARTIFACT = "calibration.jsonl"
@@ -245,6 +245,7 @@ def register_merged(workspace: str | Path, *, dag_run: str = "", client: Any = N
                                              run_id=run_id, tags=tags, description=ev.description)
             ref = reg.ModelRef.from_version(mv)
             log.info("registered %s (%s, job %s)", ref.uri, method, job.id)
+            fault_point("register.after_version")
         results.append({"method": method, "name": ref.name, "version": ref.version, "uri": ref.uri,
                         "scores": ev.scores, "merge_key": merge_key})
     ws.write_json("registered.json", results)

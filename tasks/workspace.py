@@ -30,7 +30,7 @@ from typing import Any
 import yaml
 
 from sarmerge.errors import SarmergeError
-from tasks.common import read_json, run, step_main, write_json_atomic
+from tasks.common import fault_point, read_json, run, step_main, write_json_atomic
 from tasks.params import REPO_ROOT, JobCfg, Params, dump_params, load_params, parse_params
 
 log = logging.getLogger(__name__)
@@ -185,6 +185,7 @@ class Workspace:
         """Record every stage in dvc.lock, push data and lineage; idempotent (a retry re-checks and re-pushes)."""
         info_file = self.path / "tmp" / "dvc.json"
         dvc("commit", "-f", "-q", cwd=self.path, what="dvc commit")
+        fault_point("commit.after_dvc_commit")
         dvc("push", "-q", cwd=self.path, what="dvc push")
         git("add", "-A", cwd=self.path)
         if git("status", "--porcelain", cwd=self.path):

@@ -3,6 +3,7 @@ family, and an Airflow home with a migrated database."""
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import json
 import os
@@ -32,15 +33,14 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
         if proc is not None and proc.poll() is not None:
             tail = log.read_text()[-3000:] if log and log.exists() else ""
             raise RuntimeError(f"server exited with {proc.returncode} before {url} answered:\n{tail}")
-        with contextlib.suppress(OSError):
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status < 500:
-                    return
+        with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=2) as r:
+            if r.status < 500:
+                return
         time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-def stop_group(proc: subprocess.Popen, grace: float = 15.0) -> None:
+def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
     """SIGTERM the process group we started (by its PID), then SIGKILL whatever is left."""
     if proc.poll() is None or _group_alive(proc.pid):
         with contextlib.suppress(ProcessLookupError):
@@ -71,19 +71,21 @@ class MlflowServer:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = root / "mlflow.log"
         env = {**os.environ,
-               "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": webhooks_key or "sarmerge-test-key-0123456789abcdef",
+               # a Fernet key: 32 url-safe base64-encoded bytes
+               "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": webhooks_key or base64.urlsafe_b64encode(b"s" * 32).decode(),
                "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
                "MLFLOW_WEBHOOK_CACHE_TTL": "1"}
         root.mkdir(parents=True, exist_ok=True)
-        self.proc = subprocess.Popen(
-            [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
-             "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
-             "--workers", "1"],
-            stdout=open(self.log, "w"), stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
+        with open(self.log, "w") as log:
+            self.proc = subprocess.Popen(
+                [str(VENV_BIN / "mlflow"), "server", "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}",
+                 "--artifacts-destination", str(root / "artifacts"), "--host", "127.0.0.1", "--port", str(self.port),
+                 "--workers", "1"],
+                stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True, cwd=root)
         wait_http(f"{self.url}/health", 120, self.proc, self.log)
 
     def stop(self) -> None:
-        stop_group(self.proc)
+        stop_group(self.proc, grace=5)
 
 
 # -- a small RLVR-like family: sparse bf16 updates of one tiny base ------------------------------------------------
@@ -165,3 +167,35 @@ def env_vars(**values: str | None) -> Iterator[None]:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def write_params(path: Path, *, root: Path, family: str, methods: dict | None = None, **sections: dict) -> Path:
+    """A params.yaml for a test: the repo's file with one family `<family>-(math|code)`, small Fisher/eval settings,
+    fast retries, and `sections` deep-merged on top."""
+    import yaml
+
+    raw = yaml.safe_load((REPO / "params.yaml").read_text())
+    raw.pop("job", None)
+    raw["pipeline"].update({"root": str(root), "retries": 1, "retry_delay_s": 1, "step_timeout_s": 900})
+    raw["families"] = [{"name": family, "models": f"{family}-(math|code)", "merged_model": f"{family}-merged"}]
+    raw["merge"]["methods"] = methods or {"sar": {}, "task_arithmetic": {"lambda": 1.0}}
+    raw["fisher"].update({"examples": 4, "batch_size": 4, "max_new_tokens": 4})
+    raw["evaluate"].update({"limit": 3, "batch_size": 8})
+    for section, values in sections.items():
+        if isinstance(raw.get(section), dict) and isinstance(values, dict):
+            raw[section].update(values)
+        else:
+            raw[section] = values
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(yaml.safe_dump(raw, sort_keys=False))
+    return path
+
+
+def register(path: Path, name: str, *, domain: str | None = None, kind: str = "rlvr", base: str | None = None,
+             calib: Path | None = None) -> dict:
+    """Register through the Python API of `sarmerge register` (same code path, without a process start);
+    returns what `sarmerge register --json` prints."""
+    from tasks.register import register_checkpoint
+
+    ref, created = register_checkpoint(path, name=name, domain=domain or "base", kind=kind, base=base, calib=calib)
+    return {**ref.to_json(), "uri": ref.uri, "created": created}
