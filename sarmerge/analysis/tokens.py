@@ -98,13 +98,20 @@ def _encode(tok: Any, prompt: str, chat_template: bool) -> list[int]:
     return tok(prompt)["input_ids"]
 
 
-def _load_model(path: str | Path, device: torch.device) -> torch.nn.Module:
+def _load_model(path: str | Path, device: torch.device, *, progress: bool) -> torch.nn.Module:
     from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
 
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
     try:
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     except (OSError, ValueError) as e:
         raise SarmergeError(f"{path}: cannot load as a causal LM: {e}") from e
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.to(device).eval()
 
 
@@ -229,7 +236,7 @@ def analyze_tokens(
     except (OSError, ValueError) as e:
         raise SarmergeError(f"{model}: cannot load its tokenizer: {e}") from e
     dev = torch.device(device)
-    rl_model, base_model = _load_model(model, dev), _load_model(base, dev)
+    rl_model, base_model = _load_model(model, dev, progress=progress), _load_model(base, dev, progress=progress)
     encoded = []
     for i, text in enumerate(texts):
         ids = _encode(tok, text, chat_template)
