@@ -175,7 +175,7 @@ def test_aggregated_stats_equal_the_stats_of_the_concatenated_vectors():
     whole = tensor_stats(torch.cat(bases), [torch.cat([ms[i] for ms in models]) for i in range(2)], eps=1e-5, top_k=0)
     got, want = total.derive(LABELS), whole.derive(LABELS)
     for key, value in want["pairs"][0].items():
-        if key not in ("a", "b"):
+        if key not in ("a", "b", "jaccard_chance", "overlap_ratio"):  # chance is per tensor (next test)
             assert got["pairs"][0][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
     for label in LABELS:
         for key, value in want["models"][label].items():
@@ -183,6 +183,23 @@ def test_aggregated_stats_equal_the_stats_of_the_concatenated_vectors():
                 assert got["models"][label][key] is None, key
             else:
                 assert got["models"][label][key] == pytest.approx(value, rel=1e-5, abs=1e-9), key
+
+
+def test_aggregate_chance_keeps_each_tensors_density_so_independent_layers_read_as_chance():
+    # Layer 1: a dense, b sparse; layer 2 the other way round. Supports are independent within each layer, but
+    # pooled densities would predict more overlap than independence gives (the model would look "avoiding").
+    g = torch.Generator().manual_seed(8)
+    n = 200_000
+    total = GeometryStats(2)
+    for pa, pb in ((0.6, 0.05), (0.05, 0.6)):
+        base = torch.zeros(n)
+        a = (torch.rand(n, generator=g) < pa) * torch.randn(n, generator=g)
+        b = (torch.rand(n, generator=g) < pb) * torch.randn(n, generator=g)
+        total.add(tensor_stats(base, [a, b], eps=1e-5, top_k=0))
+    pair = total.derive(LABELS)["pairs"][0]
+    assert pair["overlap_ratio"] == pytest.approx(1.0, abs=0.03)
+    pooled = 0.325 * 0.325 / (0.65 - 0.325 * 0.325)  # what one density per model would predict
+    assert pair["jaccard"] < 0.8 * pooled
 
 
 def test_chunked_processing_matches_one_pass_and_leaves_the_inputs_untouched():

@@ -7,9 +7,11 @@ projected energies), so per-layer and whole-model values are exact aggregates, n
 Definitions (τ_i = θ_i − θ₀ in fp32; S_i = {j : |τ_i[j]| > ε}; p_i = |S_i| / n):
 
 - sparsity_i = 1 − p_i, the share of weights the update leaves (numerically) unchanged.
-- jaccard(a, b) = |S_a ∩ S_b| / |S_a ∪ S_b|; jaccard_chance = p_a p_b / (p_a + p_b − p_a p_b), the expected Jaccard
-  for independent, uniformly placed supports of the same densities; overlap_ratio = jaccard / jaccard_chance
-  (1 = chance, < 1 = the updates avoid each other, > 1 = they crowd onto the same weights).
+- jaccard(a, b) = |S_a ∩ S_b| / |S_a ∪ S_b|; jaccard_chance = p_a p_b / (p_a + p_b − p_a p_b), the Jaccard of
+  independent, uniformly placed supports of the same densities; overlap_ratio = jaccard / jaccard_chance (1 = chance,
+  < 1 = the updates avoid each other, > 1 = they crowd onto the same weights). For a layer or the whole model the
+  chance level keeps each tensor's own densities: Σ_t n_t p_a,t p_b,t / Σ_t n_t (p_a,t + p_b,t − p_a,t p_b,t), so
+  layers of different sparsity do not masquerade as avoidance.
 - cosine(a, b) = ⟨τ_a, τ_b⟩ / (‖τ_a‖ ‖τ_b‖).
 - sign_conflict(a, b): share of S_a ∩ S_b where sign(τ_a) ≠ sign(τ_b).
 - orth_energy_share(a, b) = 1 − cosine², the share of ‖τ_b‖² orthogonal to τ_a (the residual of projecting τ_b on
@@ -90,6 +92,7 @@ class GeometryStats:
     dot: np.ndarray = field(default=None)  # (N, N) ⟨τ_i, τ_j⟩
     inter: np.ndarray = field(default=None)  # (N, N) |S_i ∩ S_j|
     conflict: np.ndarray = field(default=None)  # (N, N) sign conflicts on S_i ∩ S_j
+    chance_inter: np.ndarray = field(default=None)  # (N, N) Σ over tensors of |S_i| |S_j| / n (independent placement)
     outside: np.ndarray = field(default=None)  # (N, N) [i, j] = Σ τ_j² over coordinates outside S_i
     mat_sq: np.ndarray = field(default=None)  # (N,) ‖τ_i‖² over the matrices with a spectral measurement
     proj2: np.ndarray = field(default=None)  # (N,) ‖U_kᵀ τ V_k‖²
@@ -114,7 +117,7 @@ class GeometryStats:
         ):
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros(n))
-        for name in ("dot", "inter", "conflict", "outside"):
+        for name in ("dot", "inter", "conflict", "outside", "chance_inter"):
             if getattr(self, name) is None:
                 setattr(self, name, np.zeros((n, n)))
 
@@ -129,6 +132,7 @@ class GeometryStats:
             "inter",
             "conflict",
             "outside",
+            "chance_inter",
             "mat_sq",
             "proj2",
             "proj_left",
@@ -167,7 +171,8 @@ class GeometryStats:
                 inter = self.inter[a, b]
                 union = self.support[a] + self.support[b] - inter
                 jaccard = _ratio(inter, union)
-                chance = _ratio(p[a] * p[b], p[a] + p[b] - p[a] * p[b])
+                chance_inter = self.chance_inter[a, b]
+                chance = _ratio(chance_inter, self.support[a] + self.support[b] - chance_inter)
                 cosine = _ratio(self.dot[a, b], math.sqrt(self.sq[a] * self.sq[b]))
                 pairs.append(
                     {
@@ -302,6 +307,8 @@ def tensor_stats(
     for i in range(n_models):
         st.dot[i, i] = st.sq[i]
         st.inter[i, i] = st.support[i]
+        for j in range(n_models):
+            st.chance_inter[i, j] = st.support[i] * st.support[j] / st.numel
         for j in range(n_models):
             if j != i:
                 st.outside[i, j] = max(st.sq[j] - st.outside[i, j], 0.0)

@@ -490,7 +490,12 @@ def plot_traces(report: dict[str, Any], records: list[dict[str, Any]], path: Pat
         ax.set_ylabel("JS (bits)", fontsize=8)
         if len(js) <= 64:
             # Short responses: label each position with its token, so a spike reads as a word.
-            ax.set_xticks(range(len(js)), [repr(t)[1:-1] or "∅" for t in r["tokens"]], rotation=90, fontsize=6)
+            ax.set_xticks(
+                range(len(js)),
+                [repr(t)[1:-1] or "∅" for t in r["tokens"]],
+                rotation=0 if len(js) <= 20 else 90,
+                fontsize=7 if len(js) <= 20 else 6,
+            )
         prompt = r["prompt"].replace("\n", " ")
         ax.set_title(f"response {r['index']}: {prompt[:70]!r}", fontsize=8, loc="left")
     axes[-1].set_xlabel(
