@@ -645,8 +645,9 @@ def hooks_match_loop(model: nn.Module, batch: Batch) -> str | None:
         HookBackend(model, got).accumulate(batch)
     except UnsupportedModel as e:
         return str(e)
+    # A plumbing error (examples mixed, a use missed) is off by O(1); bf16/fp16 rounding by a few percent at most.
     low_precision = next(model.parameters()).dtype in (torch.bfloat16, torch.float16)
-    rtol = 5e-2 if low_precision else 1e-3
+    rtol = 1e-1 if low_precision else 1e-3
     for name in want:
         scale = float(want[name].abs().max())
         err = float((got[name] - want[name]).abs().max())
@@ -862,12 +863,14 @@ def checkpoint_names(model: nn.Module, ckpt: Checkpoint) -> dict[str, str | None
     every = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers())
     mapping: dict[str, str | None] = {}
+    prefix = getattr(model, "base_model_prefix", "")
     for name, info in ckpt.tensors.items():
         if info.dtype not in FLOAT_CODES:
             continue
-        p = every.get(name)
+        # Some checkpoints store the base model's names without its prefix (`h.0...` for `transformer.h.0...`).
+        p = every.get(name, every.get(f"{prefix}.{name}") if prefix else None)
         if p is None:
-            if name in buffers:
+            if name in buffers or f"{prefix}.{name}" in buffers:
                 mapping[name] = None
                 continue
             raise SarmergeError(f"{info.file}: tensor {name!r} is not a parameter of the loaded "
