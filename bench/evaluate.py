@@ -89,6 +89,7 @@ def main() -> int:
     batched = HFBackend(model_dir, tok, batch_size=args.batch_size, device=args.device)
     batched.model = single.model  # one copy of the weights: the arms differ only in batching
 
+    load_start = os.getloadavg()
     times: dict[str, list[float]] = {"one_by_one": [], "batched": []}
     outputs: dict[str, list] = {}
     timed(batched, prompts[:2], SamplingSettings(max_new_tokens=4))  # warm-up (allocator, kernels)
@@ -118,6 +119,11 @@ def main() -> int:
         "median_seconds": med,
         "tokens_per_second": {k: tokens[k] / med[k] for k in med},
         "speedup": med["one_by_one"] / med["batched"],
+        # each repeat runs both arms back to back: the ratio within a repeat cancels slow drifts in machine load
+        "paired_speedups": [a / b for a, b in zip(times["one_by_one"], times["batched"], strict=True)],
+        "median_paired_speedup": statistics.median(a / b for a, b in zip(times["one_by_one"], times["batched"],
+                                                                         strict=True)),
+        "load_average_start_end": [load_start, os.getloadavg()],
         "identical_outputs": identical,
     }
     if args.vllm:
@@ -132,7 +138,8 @@ def main() -> int:
             result["vllm"] = {"median_seconds": v_med, "tokens_per_second": v_tokens / v_med}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2) + "\n")
-    print(json.dumps({k: result[k] for k in ("median_seconds", "tokens_per_second", "speedup", "identical_outputs")},
+    print(json.dumps({k: result[k] for k in ("median_seconds", "tokens_per_second", "speedup", "median_paired_speedup",
+                                             "identical_outputs")},
                      indent=2))
     if not identical:
         for a, b in zip(texts["one_by_one"], texts["batched"], strict=True):

@@ -244,8 +244,9 @@ class VLLMBackend(Backend):
 
     def generate(self, prompts: Sequence[RenderedPrompt], settings: SamplingSettings,
                  on_progress: Callable[[int], None] | None = None) -> list[list[Generation]]:
+        per_prompt = 1 if settings.greedy else settings.n  # as in HFBackend: one greedy sample, repeated
         params = self._vllm.SamplingParams(
-            n=settings.n, temperature=settings.temperature, top_p=settings.top_p if not settings.greedy else 1.0,
+            n=per_prompt, temperature=settings.temperature, top_p=settings.top_p if not settings.greedy else 1.0,
             max_tokens=settings.max_new_tokens, seed=settings.seed, detokenize=False,
             stop_token_ids=sorted(self.eos_ids))
         start = time.perf_counter()
@@ -253,7 +254,8 @@ class VLLMBackend(Backend):
         log.debug("vLLM generated %d prompts in %.1fs", len(prompts), time.perf_counter() - start)
         results = []
         for out in outputs:
-            results.append([self._decode(list(o.token_ids)) for o in out.outputs])
+            gens = [self._decode(list(o.token_ids)) for o in out.outputs]
+            results.append(gens * settings.n if per_prompt == 1 else gens)
         if on_progress is not None:
             on_progress(len(prompts))
         return results

@@ -65,7 +65,6 @@ def __sarmerge_guard():
 __sarmerge_guard()
 del __sarmerge_guard
 '''
-GUARD_LINES = GUARD.count("\n")
 
 
 @dataclass(frozen=True)
