@@ -66,17 +66,24 @@ with DAG(
         print(f"{len(found)} event(s): {found}")
         return json.dumps(found)
 
+    @task(retries=0)
+    def pick(result: dict, key: str) -> list:
+        """One argument list per mapped task instance (Airflow maps over return values only)."""
+        return result[key]
+
     events = collect_events()
-    plan = runner.step("plan", "tasks.plan", ["--events", events, "--dag-run", "{{ run_id }}"], push_keys=True)
-    fisher = runner.mapped("fisher", "tasks.fisher", plan.output["fisher_args"], gpu=True, pool="gpu")
-    eval_inputs = runner.mapped("evaluate_parents", "tasks.evaluate", plan.output["eval_inputs_args"])
-    merge = runner.mapped("merge", "tasks.merge", plan.output["merge_args"])
-    evaluate = runner.mapped("evaluate", "tasks.evaluate", plan.output["eval_merged_args"])
-    analyze = runner.mapped("analyze", "tasks.analyze", plan.output["job_args"])
-    version = runner.mapped("version", "tasks.workspace", plan.output["job_args"], prefix=["commit"])
-    register = runner.mapped("register", "tasks.register", plan.output["job_args"], prefix=["merged"],
+    plan = runner.step("plan", "tasks.plan", ["--events", events, "--dag-run", "{{ run_id }}"])
+    args = {key: pick.override(task_id=key)(plan.output, key)
+            for key in ("fisher_args", "eval_inputs_args", "merge_args", "eval_merged_args", "job_args")}
+    fisher = runner.mapped("fisher", "tasks.fisher", args["fisher_args"], gpu=True, pool="gpu")
+    eval_inputs = runner.mapped("evaluate_parents", "tasks.evaluate", args["eval_inputs_args"])
+    merge = runner.mapped("merge", "tasks.merge", args["merge_args"])
+    evaluate = runner.mapped("evaluate", "tasks.evaluate", args["eval_merged_args"])
+    analyze = runner.mapped("analyze", "tasks.analyze", args["job_args"])
+    version = runner.mapped("version", "tasks.workspace", args["job_args"], prefix=["commit"])
+    register = runner.mapped("register", "tasks.register", args["job_args"], prefix=["merged"],
                              suffix=["--dag-run", "{{ run_id }}"])
-    gate = runner.mapped("gate", "tasks.promote", plan.output["job_args"])
+    gate = runner.mapped("gate", "tasks.promote", args["job_args"])
     # the ledger is settled whatever happened (failed versions become retryable) ...
     finish = runner.step("finish", "tasks.plan", ["finish", "--dag-run", "{{ run_id }}"], trigger_rule="all_done")
 

@@ -216,13 +216,14 @@ class Planner:
         missing = [d for d in domains if d not in suites_by_domain]
         if missing:
             raise SarmergeError(f"params.yaml evaluate.suites: no suite for domain(s) {missing}")
+        # every model is scored on every domain's suite: comparable across jobs, and parents' results are reused
         base_ref = reg.resolve_uri(self.client, base_uri)
         if base_ref.sha256 != base_sha:
             raise SarmergeError(f"{new.uri}: its base {base_uri} now has sha256 {base_ref.sha256}, tag says {base_sha}")
         names = {p.key: dir_name(p) for p in parents}
         job = JobCfg(id=job_id, family=fam.name, inputs="inputs", out="out", base="base",
                      parents={names[p.key]: JobParent(domain=p.domain, model=p.uri) for p in parents},
-                     suites=sorted({suites_by_domain[d] for d in domains}))
+                     suites=sorted(set(suites_by_domain.values())))
         meta = {"family": fam.name, "kind": kind, "dag_run": self.dag_run, "trigger": new.uri,
                 "base": {"uri": base_ref.uri, "sha256": base_ref.sha256, "tag": new.base},
                 "parents": {names[p.key]: {**p.to_json(), "uri": p.uri} for p in parents}}

@@ -199,3 +199,33 @@ def register(path: Path, name: str, *, domain: str | None = None, kind: str = "r
 
     ref, created = register_checkpoint(path, name=name, domain=domain or "base", kind=kind, base=base, calib=calib)
     return {**ref.to_json(), "uri": ref.uri, "created": created}
+
+
+_DAG_TEST = """
+import json, sys, importlib.util
+spec = importlib.util.spec_from_file_location("dag_under_test", sys.argv[1])
+module = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(module)
+dr = module.dag.test(run_conf=json.loads(sys.argv[2]))
+from airflow import settings
+from airflow.models.taskinstance import TaskInstance
+from sqlalchemy import select
+with settings.Session() as session:
+    tis = session.scalars(select(TaskInstance).where(TaskInstance.dag_id == dr.dag_id,
+                                                     TaskInstance.run_id == dr.run_id)).all()
+    states = {f"{ti.task_id}[{ti.map_index}]": [str(ti.state), ti.try_number] for ti in tis}
+print("DAGTEST " + json.dumps({"state": str(dr.state), "run_id": dr.run_id, "tis": states}))
+"""
+
+
+def dag_test(dag_file: Path, env: dict[str, str], run_conf: dict | None = None, timeout: float = 900) -> dict:
+    """Run the real DAG file under `dag.test()` in a fresh interpreter; returns the run state and task states."""
+    proc = subprocess.run([sys.executable, "-c", _DAG_TEST, str(dag_file), json.dumps(run_conf or {})],
+                          capture_output=True, text=True, env=env, timeout=timeout, cwd=REPO)
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("DAGTEST ")]
+    if not lines:
+        raise RuntimeError(f"dag.test() of {dag_file} crashed ({proc.returncode}):\n{proc.stdout[-3000:]}\n"
+                           f"{proc.stderr[-5000:]}")
+    result = json.loads(lines[-1][len("DAGTEST "):])
+    result["log"] = proc.stdout + proc.stderr
+    return result
