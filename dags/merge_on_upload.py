@@ -31,7 +31,7 @@ family_assets = [
                                trigger=MlflowRegistryTrigger(tracking_uri=tracking_uri, models=fam.models,
                                                              poll_interval=params.trigger.poll_interval_s,
                                                              family=fam.name))]
-        if params.trigger.watcher else [],
+        if params.watched(fam) else [],
     )
     for fam in params.families
 ]

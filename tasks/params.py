@@ -40,6 +40,8 @@ class FamilyCfg(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_-]{0,63}$")
     models: str = Field(description="regex (full match) on registered-model names of this family's RLVR checkpoints")
     merged_model: str = Field(description="registered model that receives the merged versions")
+    watcher: bool | None = Field(None, description="poll the registry for this family (default: trigger.watcher); "
+                                                   "false leaves it to the webhook relay")
 
     @field_validator("models")
     @classmethod
@@ -178,6 +180,9 @@ class Params(_Strict):
     containers: ContainersCfg = Field(default_factory=ContainersCfg, description="docker/kubernetes runners "
                                                                                    "(tasks/containers.py)")
     job: JobCfg | None = None
+
+    def watched(self, family: FamilyCfg) -> bool:
+        return self.trigger.watcher if family.watcher is None else family.watcher
 
     def family_of(self, model_name: str) -> FamilyCfg | None:
         return next((f for f in self.families if f.matches(model_name)), None)
