@@ -21,11 +21,11 @@ import yaml
 pytest.importorskip("airflow.providers.docker")
 pytest.importorskip("airflow.providers.cncf.kubernetes")
 
-from kubernetes.client import ApiClient  # noqa: E402
-from kubernetes.client import models as k8s  # noqa: E402
+from kubernetes.client import ApiClient
+from kubernetes.client import models as k8s
 
-from sarmerge.errors import SarmergeError  # noqa: E402
-from tasks.params import REPO_ROOT, Params, parse_params  # noqa: E402
+from sarmerge.errors import SarmergeError
+from tasks.params import REPO_ROOT, Params, parse_params
 
 DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
@@ -189,20 +189,35 @@ def test_mapped_pod_step_expands_over_argument_lists(env: Path) -> None:
     from sarmerge_airflow.runner import Runner
 
     with DAG("t_mapped", schedule=None):
-        mapped = Runner(make_params("kubernetes", K8S_CFG)).mapped(
-            "merge", "tasks.merge", [["--workspace", "/w", "--method", "sar"], ["--workspace", "/w", "--method", "ties"]])
-    assert mapped.operator_class is StepPodOperator or getattr(mapped.operator_class, "__name__", "") == \
-        "StepPodOperator"
+        arg_lists = [["--workspace", "/w", "--method", "sar"], ["--workspace", "/w", "--method", "ties"]]
+        mapped = Runner(make_params("kubernetes", K8S_CFG)).mapped("merge", "tasks.merge", arg_lists)
+    assert mapped.operator_class is StepPodOperator
     assert mapped.partial_kwargs["image"] == "registry.example/sarmerge-cpu:1.0"
     assert mapped.expand_input.value["args"][1][-1] == "ties"
 
 
-def test_pod_step_pushes_each_result_key(env: Path) -> None:
-    """The XCom the sidecar returns is the step's result; push_keys spreads a dict over its own keys."""
-    op = build(make_params("kubernetes", K8S_CFG), "plan", "tasks.plan", ["--events", "[]"], push_keys=True)
-    assert op.do_xcom_push and op.push_keys
-    step_script = (REPO_ROOT / "docker" / "sarmerge-step").read_text()
-    assert "/airflow/xcom/return.json" in step_script
+def test_step_entrypoint_hands_the_result_to_the_xcom_sidecar(tmp_path: Path) -> None:
+    """docker/sarmerge-step runs `python -m MODULE ARGS`, passes stdout through, writes the result line's JSON where
+    KubernetesPodOperator's sidecar reads it, and keeps the step's exit status."""
+    (tmp_path / "probe_step.py").write_text(
+        "import sys\nprint('working')\nprint('SARMERGE_RESULT {\"a\": 1}')\nprint('SARMERGE_RESULT {\"merged\": "
+        "[\"x\"]}')\nprint('after')\nsys.exit(int(sys.argv[1]))\n")
+    xcom = tmp_path / "xcom"
+    xcom.mkdir()
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(tmp_path), "SARMERGE_PYTHON": sys.executable,
+           "SARMERGE_XCOM_DIR": str(xcom)}
+    entry = str(REPO_ROOT / "docker" / "sarmerge-step")
+    ok = subprocess.run([entry, "probe_step", "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    assert ok.stdout.splitlines()[0] == "working" and ok.stdout.splitlines()[-1] == "after"
+    assert __import__("json").loads((xcom / "return.json").read_text()) == {"merged": ["x"]}
+    failed = subprocess.run([entry, "probe_step", "3"], env=env, capture_output=True, text=True, timeout=60)
+    assert failed.returncode == 3
+    # without the XCom folder (DockerOperator) the step runs directly and nothing is written
+    (xcom / "return.json").unlink()
+    xcom.rmdir()
+    direct = subprocess.run([entry, "probe_step", "0"], env=env, capture_output=True, text=True, timeout=60)
+    assert direct.returncode == 0 and "SARMERGE_RESULT" in direct.stdout and not xcom.exists()
 
 
 # -- docker: operator construction ---------------------------------------------------------------------------------

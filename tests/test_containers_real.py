@@ -1,0 +1,176 @@
+"""Real containers (`-m containers`): DockerOperator against podman's Docker API (SPEC §12), no mocks.
+
+Needs podman and the CPU image, prepared once by `bash scripts/containers.sh build` (~6 min cold, seconds with cached
+layers), and SARMERGE_CONTAINERS=1: without it the tier is skipped; with it, anything missing is a failure. Each
+module starts its own `podman system service` on a temporary socket and stops it by PID.
+
+The headline check: `merge_on_upload` run with `pipeline.runner: docker` (every step a container, the GPU step on the
+CPU image without a device) writes merged weights with the same sha256 as the same DAG on the local runner.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+pytestmark = [pytest.mark.containers, pytest.mark.pipeline]
+
+IMAGE = os.environ.get("SARMERGE_CPU_IMAGE", "localhost/sarmerge-cpu:latest")
+REPO = Path(__file__).resolve().parent.parent
+
+
+def _require_tier() -> None:
+    if os.environ.get("SARMERGE_CONTAINERS") != "1":
+        pytest.skip("real-container tier: run `bash scripts/containers.sh build`, then set SARMERGE_CONTAINERS=1")
+    if shutil.which("podman") is None:
+        pytest.fail("SARMERGE_CONTAINERS=1 but podman is not installed: run `bash scripts/containers.sh build`")
+    if subprocess.run(["podman", "image", "exists", IMAGE]).returncode != 0:
+        pytest.fail(f"SARMERGE_CONTAINERS=1 but image {IMAGE} is missing: run `bash scripts/containers.sh build`")
+
+
+@pytest.fixture(scope="module")
+def docker_host(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """`podman system service` on a fresh socket, started and stopped by its PID (its own process group)."""
+    _require_tier()
+    folder = tmp_path_factory.mktemp("podman")
+    sock = folder / "podman.sock"
+    log = open(folder / "service.log", "w")  # noqa: SIM115 - closed below
+    proc = subprocess.Popen(["podman", "system", "service", "--time", "0", f"unix://{sock}"], stdout=log,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not sock.exists():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"podman system service did not open {sock}: {(folder / 'service.log').read_text()}")
+            time.sleep(0.1)
+        yield f"unix://{sock}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        log.close()
+
+
+def _container_params(params_file: Path, *, root: Path, family: str, docker_host: str, pull: str = "never",
+                      runner: str = "docker") -> Path:
+    from pipeline_support import write_params
+
+    return write_params(
+        params_file, root=root, family=family, trigger={"watcher": False}, pipeline={"runner": runner},
+        containers={"cpu_image": IMAGE, "gpu_image": IMAGE, "gpus_per_step": 0,
+                    "docker": {"url": docker_host, "pull": pull, "auto_remove": "force"}})
+
+
+# -- the operator on its own -------------------------------------------------------------------------------------
+def test_missing_image_fails_at_task_start_naming_the_setting(docker_host: str, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from airflow.sdk import DAG
+    from airflow.sdk.exceptions import AirflowFailException
+
+    from sarmerge_airflow.runner import Runner
+    from tasks.params import load_params
+
+    pfile = _container_params(tmp_path / "params.yaml", root=tmp_path / "root", family="ctm", docker_host=docker_host)
+    monkeypatch.setenv("SARMERGE_PARAMS", str(pfile))
+    monkeypatch.setenv("SARMERGE_CPU_IMAGE", "localhost/sarmerge-cpu:no-such-tag")
+    monkeypatch.delenv("SARMERGE_PIPELINE_ROOT", raising=False)
+    monkeypatch.delenv("SARMERGE_RUNNER", raising=False)
+    with DAG("t_missing_image", schedule=None):
+        op = Runner(load_params(pfile)).step("merge", "tasks.merge", ["--help"])
+    with pytest.raises(AirflowFailException, match=r"containers\.cpu_image \(or \$SARMERGE_CPU_IMAGE\) = "
+                                                   r"'localhost/sarmerge-cpu:no-such-tag': no such image"):
+        op.execute({})
+
+
+def test_step_runs_in_a_container_and_returns_its_result(docker_host: str, tmp_path: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A real step (tasks.merge on a workspace the local code built) in a container: result parsed, file written."""
+    from airflow.sdk import DAG
+
+    from sarmerge_airflow.runner import Runner
+    from tasks.params import load_params
+
+    root = tmp_path / "root"
+    pfile = _container_params(tmp_path / "params.yaml", root=root, family="cts", docker_host=docker_host)
+    monkeypatch.setenv("SARMERGE_PARAMS", str(pfile))
+    monkeypatch.delenv("SARMERGE_PIPELINE_ROOT", raising=False)
+    monkeypatch.delenv("SARMERGE_RUNNER", raising=False)
+    out = root / "probe"
+    script = (f"import json, os, sys, torch; from pathlib import Path; p = Path({str(out)!r}); p.mkdir(parents=True); "
+              "(p / 'uid').write_text(str(os.getuid())); "
+              "print('SARMERGE_RESULT ' + json.dumps({'torch': torch.__version__, 'python': sys.version[:4], "
+              "'root': os.environ['SARMERGE_PIPELINE_ROOT']}))")
+    with DAG("t_probe", schedule=None):
+        op = Runner(load_params(pfile)).step("probe", "runpy", [])
+    op.command = None
+    op.step_command = lambda: ["python", "-c", script]  # the image's interpreter, same mounts and environment
+    result = op.execute({})
+    assert result == {"torch": "2.13.0+cpu", "python": "3.11", "root": str(root)}
+    # files written on the shared root belong to the worker's user (containers.docker.user: worker)
+    assert (out / "uid").read_text() == str(os.getuid())
+    assert out.stat().st_uid == os.getuid()
+
+
+# -- the DAG, local vs docker ----------------------------------------------------------------------------------------
+def _merged_digests(root: Path) -> dict[str, str]:
+    """method/file → sha256 of every merged weight file of every job under a pipeline root."""
+    return {f"{f.parent.name}/{f.name}": hashlib.sha256(f.read_bytes()).hexdigest()
+            for f in sorted(root.glob("workspaces/*/out/merged/*/*.safetensors"))}
+
+
+def test_merge_on_upload_in_containers_matches_the_local_runner(docker_host: str, tmp_path: Path) -> None:
+    """One setting (SARMERGE_RUNNER) moves every step of the real DAG into containers; the weights are identical.
+
+    Each run gets its own MLflow server: the registry deduplicates checkpoints by content and processes each version
+    once, so both runs must start from the same empty registry to plan the same job."""
+    from pipeline_support import MlflowServer, airflow_env, dag_test, env_vars, make_family, migrate_airflow, register
+
+    family = make_family(tmp_path / "family")
+    digests, logs = {}, {}
+    for runner in ("local", "docker"):
+        root = tmp_path / runner / "pipeline"
+        pfile = _container_params(tmp_path / runner / "params.yaml", root=root, family="ctr", docker_host=docker_host,
+                                  runner="local")
+        home = tmp_path / runner / "airflow"
+        migrate_airflow(home)
+        server = MlflowServer(tmp_path / runner / "mlflow")
+        try:
+            with env_vars(MLFLOW_TRACKING_URI=server.url):
+                base = register(family["base"], "ctr-base", kind="base")
+                register(family["math_s0"], "ctr-math", domain="math", base=base["uri"], calib=family["calib_math"])
+                code = register(family["code_s0"], "ctr-code", domain="code", base=base["uri"],
+                                calib=family["calib_code"])
+            env = airflow_env(home, SARMERGE_PARAMS=str(pfile), SARMERGE_RUNNER=runner, DOCKER_HOST=docker_host,
+                              MLFLOW_TRACKING_URI=server.url, SARMERGE_THREADS="1", OMP_NUM_THREADS="1")
+            env.pop("SARMERGE_PIPELINE_ROOT", None)
+            result = dag_test(REPO / "dags" / "merge_on_upload.py", env,
+                              {"versions": [{"name": code["name"], "version": str(code["version"])}]}, timeout=1500)
+        finally:
+            server.stop()
+        logs[runner] = result["log"]
+        failed = {t: s for t, s in result["tis"].items() if s[0] not in ("success", "skipped")}
+        assert result["state"] == "success" and not failed, f"{runner}: {failed}\n{result['log'][-6000:]}"
+        assert any(t.startswith("merge[") for t in result["tis"]), f"{runner}: nothing was merged: {result['tis']}"
+        digests[runner] = _merged_digests(root)
+    # every step task instance of the docker run was one container of the image; none of the local run was
+    steps = ("plan", "fisher", "evaluate_parents", "merge", "evaluate", "analyze", "version", "register", "gate",
+             "finish")
+    step_instances = [t for t in result["tis"] if t.split("[")[0] in steps]
+    assert len(step_instances) == 15, step_instances  # 1 plan, 2 fisher, 3+2 evaluate, 2 merge, 5 per-job steps
+    assert logs["docker"].count(f"in {IMAGE}") == len(step_instances), logs["docker"][-3000:]
+    assert f"in {IMAGE}" not in logs["local"]
+    assert set(digests["local"]) == {"sar/model.safetensors", "task_arithmetic/model.safetensors"}, digests["local"]
+    assert digests["docker"] == digests["local"]
