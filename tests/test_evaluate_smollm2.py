@@ -72,7 +72,7 @@ def test_smollm2_tokenizer_round_trips_and_has_a_chat_template(smollm2_dir: Path
 def test_smollm2_evaluates_gsm8k_and_humaneval_slices(smollm2_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "eval"
     rc = main(["evaluate", "--model", str(smollm2_dir), "--suite", "gsm8k,humaneval", "--limit", "2",
-               "--max-new-tokens", "128", "--batch-size", "4", "--out", str(out), "--no-progress"])
+               "--max-new-tokens", "96", "--batch-size", "4", "--out", str(out), "--no-progress"])
     assert rc == 0
     summary = json.loads((out / "summary.json").read_text())
     samples = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
@@ -95,7 +95,7 @@ def test_smollm2_batched_generation_equals_one_by_one(smollm2_dir: Path) -> None
     tok = load_model_tokenizer(smollm2_dir)
     builder = PromptBuilder(tok)
     prompts = [builder.render(i.prompt) for i in get_suite("gsm8k").load(LoadRequest())[:4]]
-    settings = SamplingSettings(max_new_tokens=24)
+    settings = SamplingSettings(max_new_tokens=16)
     one = HFBackend(smollm2_dir, tok, batch_size=1)
     many = HFBackend(smollm2_dir, tok, batch_size=4)
     many.model = one.model
