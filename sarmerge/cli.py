@@ -22,6 +22,7 @@ COMMANDS = {
     "methods": "sarmerge.methods_cli",
     "evaluate": "sarmerge.evaluate.cli",
     "analyze": "sarmerge.analysis.cli",
+    "zoo": "sarmerge.zoo.cli",
 }
 
 

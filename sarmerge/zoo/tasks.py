@@ -1,0 +1,209 @@
+"""Verifiable tasks for the model zoo: seeded generators with disjoint train/val/test splits and exact-match rewards.
+
+A problem is `Problem(id, prompt, answer)`, where `prompt` is the *user message*; callers build the model input with the
+tokenizer's chat template (`chat_prompt`), so training, evaluation and Fisher calibration share one prompt construction.
+
+Splits are disjoint by construction, whatever the seeds: every problem of a task's space belongs to exactly one split,
+decided by a hash of its prompt (10 % test, 10 % val, 80 % train), and `generate(n, seed, split)` draws only from its
+own split. Two calls with the same seed and split return the same list.
+
+Tasks:
+- `math`: sums of 2–4 single digits (`3+5+2` → `10`), compact prompt for the tiny char-level family.
+- `code`: the output of a one-line Python string expression (reverse, upper, repeat, index, slice, concatenation) over
+  short lowercase strings; the answer is what CPython prints, checked against `eval` in the tests.
+- `math_nl`, `code_nl`: problems of the same kind (math: `a plus/minus b`, operands 0..50) asked in natural language
+  for instruction-tuned LLMs (SmolLM2); the scorer extracts the final answer from free text.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+import re
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from sarmerge.errors import SarmergeError
+
+SPLITS = ("train", "val", "test")
+# share of each task's problem space per split, by prompt hash (percent); disjoint and exhaustive
+_SPLIT_BOUNDS = {"test": (0, 10), "val": (10, 20), "train": (20, 100)}
+
+
+@dataclass(frozen=True)
+class Problem:
+    id: str
+    prompt: str  # the user message; apply the chat template with `chat_prompt`
+    answer: str
+    # the answer of a plausible mistake (e.g. a dropped carry): imperfect SFT demonstrations use it, never the scorer
+    slip: str = field(default="", compare=False, repr=False)
+
+    def as_dict(self) -> dict[str, str]:
+        return {"id": self.id, "prompt": self.prompt, "answer": self.answer}
+
+
+def split_of(task: str, prompt: str) -> str:
+    """The split a problem belongs to, a pure function of (task, prompt)."""
+    bucket = int.from_bytes(hashlib.sha256(f"{task}\0{prompt}".encode()).digest()[:4], "big") % 100
+    return next(s for s, (lo, hi) in _SPLIT_BOUNDS.items() if lo <= bucket < hi)
+
+
+def exact_match(completion: str, answer: str) -> float:
+    """1.0 when the completion, stripped of surrounding whitespace, is exactly the answer."""
+    return float(completion.strip() == answer)
+
+
+_NUMBER = re.compile(r"-?\d+")
+
+
+def last_integer_match(completion: str, answer: str) -> float:
+    """1.0 when the last integer in free text equals the answer (e.g. "23 + 34 = 57." → 57)."""
+    numbers = _NUMBER.findall(completion.replace(",", ""))
+    return float(bool(numbers) and numbers[-1] == answer)
+
+
+def first_line_match(completion: str, answer: str) -> float:
+    """1.0 when the first non-empty line, without quotes, backticks and a trailing period, equals the answer."""
+    for line in completion.splitlines():
+        text = line.strip().strip("`").strip().rstrip(".").strip().strip("'\"")
+        if text.lower().startswith("output:"):
+            text = text[len("output:"):].strip().strip("'\"")
+        if text:
+            return float(text == answer)
+    return 0.0
+
+
+@dataclass(frozen=True)
+class Task:
+    """A verifiable task: `sample(rng) -> (prompt, answer, slip)` spans the problem space; `score` is the reward."""
+
+    name: str
+    domain: str
+    description: str
+    sample: Callable[[random.Random], tuple[str, str, str]]
+    scorer: Callable[[str, str], float]
+    max_answer_chars: int
+    max_new_tokens: int | None = None  # generation budget; None → max_answer_chars + 2 (char-level, answer + eos)
+
+    def generate(self, n: int, seed: int = 0, split: str = "test") -> list[Problem]:
+        """`n` distinct problems of `split`, the same list for the same (n, seed, split)."""
+        if split not in SPLITS:
+            raise SarmergeError(f"task {self.name}: split {split!r} is not one of {', '.join(SPLITS)}")
+        if n < 0:
+            raise SarmergeError(f"task {self.name}: n={n} must be >= 0")
+        rng = random.Random(f"{self.name}:{seed}:{split}")
+        seen: set[str] = set()
+        out: list[Problem] = []
+        attempts = 0
+        while len(out) < n:
+            attempts += 1
+            if attempts > 200 * n + 10_000:
+                raise SarmergeError(f"task {self.name}: split {split!r} has fewer than n={n} distinct problems "
+                                    f"(found {len(out)})")
+            prompt, answer, slip = self.sample(rng)
+            if prompt in seen or split_of(self.name, prompt) != split:
+                continue
+            seen.add(prompt)
+            out.append(self._problem(prompt, answer, slip))
+        return out
+
+    def stream(self, seed: int = 0, split: str = "train") -> Iterator[Problem]:
+        """An endless seeded stream of problems of `split`, repeats allowed (for training on small problem spaces)."""
+        rng = random.Random(f"{self.name}:{seed}:{split}:stream")
+        while True:
+            prompt, answer, slip = self.sample(rng)
+            if split_of(self.name, prompt) == split:
+                yield self._problem(prompt, answer, slip)
+
+    def _problem(self, prompt: str, answer: str, slip: str) -> Problem:
+        pid = hashlib.sha256(f"{self.name}\0{prompt}".encode()).hexdigest()[:12]
+        return Problem(id=f"{self.name}-{pid}", prompt=prompt, answer=answer, slip=slip)
+
+    def score(self, completion: str, answer: str) -> float:
+        """Reward in [0, 1] of one completion (the text generated after the prompt) against the reference answer."""
+        return self.scorer(completion, answer)
+
+
+def _digit_sum(rng: random.Random) -> tuple[str, str, str]:
+    # sums of 2–4 single digits: learnable by a ~1M-parameter model within a few hundred SFT steps, unlike
+    # two-digit operands with carries (measured: < 10 % after 400 steps). Slip: the last operand is forgotten.
+    digits = [rng.randint(0, 9) for _ in range(rng.randint(2, 4))]
+    return "+".join(map(str, digits)), str(sum(digits)), str(sum(digits[:-1]))
+
+
+def _math_nl(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.randint(0, 50), rng.randint(0, 50)
+    if rng.random() < 0.5:
+        return f"What is {a} plus {b}? Reply with only the final number.", str(a + b), str(a + b + 1)
+    return f"What is {a} minus {b}? Reply with only the final number.", str(a - b), str(b - a)
+
+
+_LETTERS = "abcdefgh"
+
+
+def _word(rng: random.Random, lo: int = 2, hi: int = 5) -> str:
+    return "".join(rng.choice(_LETTERS) for _ in range(rng.randint(lo, hi)))
+
+
+def string_expression(rng: random.Random) -> tuple[str, str, str]:
+    """A one-line Python string expression, what it evaluates to (the tests check it with eval), and a slip.
+
+    The slip is the answer of a typical misreading (string not reversed, slice off by one, ...); never the answer.
+    """
+    s = _word(rng)
+    kind = rng.randrange(6)
+    if kind == 0:
+        if s == s[::-1]:  # a palindrome's slip would be right
+            s += "b" if s[0] == "a" else "a"
+        return f"'{s}'[::-1]", s[::-1], s
+    if kind == 1:
+        return f"'{s}'.upper()", s.upper(), s
+    if kind == 2:
+        k = rng.randint(2, 3)
+        s = s[:3]
+        return f"'{s}'*{k}", s * k, s * (k + 1)
+    if kind == 3:
+        i = rng.randrange(len(s) - 1)
+        return f"'{s}'[{i}]", s[i], s[i:]  # index read as a slice
+    if kind == 4:
+        i = rng.randrange(1, len(s))
+        return f"'{s}'[{i}:]", s[i:], s[i - 1:]  # off by one
+    t = _word(rng, 1, 3)
+    return f"'{s}'+'{t}'", s + t, s  # the concatenation forgotten
+
+
+def _code_nl(rng: random.Random) -> tuple[str, str, str]:
+    expr, answer, slip = string_expression(rng)
+    prompt = f"What does the Python expression {expr} evaluate to? Reply with only the resulting string, no quotes."
+    return prompt, answer, slip
+
+
+TASKS: dict[str, Task] = {
+    t.name: t
+    for t in [
+        Task("math", "math", "sum of 2-4 single digits, e.g. 3+5+2, compact prompt", _digit_sum, exact_match, 2),
+        Task("code", "code", "output of a one-line Python string expression, compact prompt", string_expression,
+             exact_match, 8),
+        Task("math_nl", "math", "a plus/minus b, operands 0..50, natural-language prompt", _math_nl,
+             last_integer_match, 4, max_new_tokens=24),
+        Task("code_nl", "code", "output of a one-line Python string expression, natural-language prompt", _code_nl,
+             first_line_match, 8, max_new_tokens=24),
+    ]
+}
+
+
+def get_task(name: str) -> Task:
+    """The task called `name` (`math`, `code`, `math_nl`, `code_nl`); unknown → SarmergeError listing the known ones."""
+    try:
+        return TASKS[name]
+    except KeyError:
+        raise SarmergeError(f"unknown zoo task {name!r}; known: {', '.join(TASKS)}") from None
+
+
+def chat_prompt(tokenizer: Any, prompt: str) -> str:
+    """The model input for a user prompt: the tokenizer's chat template with the generation prompt appended."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+    return prompt
