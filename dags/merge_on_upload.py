@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 
-from airflow.sdk import DAG, Asset, AssetWatcher, task
+from airflow.sdk import DAG, Asset, AssetAny, AssetWatcher, task
 
 from sarmerge_airflow.callbacks import alert
 from sarmerge_airflow.runner import Runner
@@ -39,7 +39,7 @@ family_assets = [
 with DAG(
     dag_id="merge_on_upload",
     description="merge each new RLVR checkpoint with its partners, evaluate, register, gate",
-    schedule=family_assets,
+    schedule=AssetAny(*family_assets),  # any family's new version (a plain list would wait for all of them)
     catchup=False,
     max_active_runs=4,
     default_args={**runner.defaults(), "on_failure_callback": alert},

@@ -37,14 +37,32 @@ def _ts(iso: str | None) -> float | None:
     return datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp() if iso else None
 
 
-def wait_processed(client: Any, keys: list[tuple[str, str]], timeout: float, poll: float = 2.0) -> dict[str, str]:
+def check_airflow(api: Any) -> None:
+    """Fail fast, and clearly, when a component of the Airflow stack has died (rather than waiting for a timeout)."""
+    health = api.request("GET", "/api/v2/monitor/health")
+    down = [k for k in ("scheduler", "triggerer", "dag_processor") if health.get(k, {}).get("status") != "healthy"]
+    if down:
+        raise SarmergeError(f"Airflow {', '.join(down)} unhealthy: {health} (see the stack's logs/airflow.log)")
+
+
+def wait_processed(client: Any, keys: list[tuple[str, str]], timeout: float, poll: float = 2.0,
+                   api: Any = None) -> dict[str, str]:
     """Wait until the ledger mirror tag of every version says done / skipped / failed."""
     deadline = time.monotonic() + timeout
     states: dict[str, str] = {}
+    unhealthy_since = None
     while time.monotonic() < deadline:
         states = {f"{n}/{v}": client.get_model_version(n, v).tags.get(reg.TAG_STATE, "") for n, v in keys}
         if all(s in FINAL for s in states.values()):
             return states
+        if api is not None:
+            try:
+                check_airflow(api)
+                unhealthy_since = None
+            except SarmergeError:  # a heartbeat can lag on a loaded machine: give it a minute
+                unhealthy_since = unhealthy_since or time.monotonic()
+                if time.monotonic() - unhealthy_since > 90:
+                    raise
         time.sleep(poll)
     raise SarmergeError(f"versions not processed within {timeout:.0f}s: {states}")
 
@@ -182,12 +200,12 @@ def run_demo(directory: Path, family_dir: Path | None, keep: bool, timeout: floa
     math = _register([*cli, str(family / "math_s0"), "--name", names["math"], "--domain", "math", "--base",
                       base["uri"], "--calib", str(family / "calib_math.jsonl"), "--json"], env)
     print("demo: waiting for the pipeline to see it (the first upload has no partner yet) ...", flush=True)
-    wait_processed(client, [(math["name"], math["version"])], timeout)
+    wait_processed(client, [(math["name"], math["version"])], timeout, api=api)
     code = _register([*cli, str(family / "code_s0"), "--name", names["code"], "--domain", "code", "--base",
                       base["uri"], "--calib", str(family / "calib_code.jsonl"), "--json"], env)
     print("demo: the upload alone starts merge_on_upload; waiting for merged, evaluated, registered versions ...",
           flush=True)
-    states = wait_processed(client, [(code["name"], code["version"])], timeout)
+    states = wait_processed(client, [(code["name"], code["version"])], timeout, api=api)
     runs = wait_runs_finished(api, timeout)
     t_done = time.monotonic()
     table = result_table(client, params)

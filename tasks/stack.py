@@ -116,7 +116,8 @@ class Stack:
         return proc, log
 
     def up(self, *, params: str | Path | None = None, parallelism: int = 4, relay: bool = True,
-           extra_env: dict[str, str] | None = None, timeout: float = 300) -> dict[str, Any]:
+           relay_models: str | None = None, extra_env: dict[str, str] | None = None,
+           timeout: float = 300) -> dict[str, Any]:
         if self.state_file.exists() and any(_group_alive(p) for p in self.state().get("pids", {}).values()):
             raise SarmergeError(f"{self.dir}: a stack is already running here (stop it with `python -m tasks.stack "
                                 f"down --dir {self.dir}`)")
@@ -165,6 +166,9 @@ class Stack:
                       "AIRFLOW__API__PORT": str(ports["airflow"]),
                       "AIRFLOW__API__BASE_URL": urls["airflow"],
                       "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "30",
+                      # SQLite: writers wait for the lock instead of failing (sarmerge_airflow/sqlite.py)
+                      "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS": "sarmerge_airflow.sqlite.CONNECT_ARGS",
+                      "AIRFLOW__DATABASE__SQL_ALCHEMY_CONNECT_ARGS_ASYNC": "sarmerge_airflow.sqlite.ASYNC_CONNECT_ARGS",
                       "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO"}
             migrate = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env=af_env, capture_output=True,
                                      text=True, timeout=600)
@@ -197,6 +201,8 @@ class Stack:
             if relay:
                 relay_env = {**base_env, "AIRFLOW_API_URL": urls["airflow"], "AIRFLOW_API_USER": "sarmerge",
                              "AIRFLOW_API_PASSWORD": password, "SARMERGE_WEBHOOK_SECRET": webhook_secret}
+                if relay_models:
+                    relay_env["SARMERGE_RELAY_MODELS"] = relay_models
                 proc, log = self._spawn("relay", [sys.executable, "-m", "tasks.relay", "serve", "--port",
                                                   str(ports["relay"])], relay_env, REPO_ROOT)
                 state["pids"]["relay"] = proc.pid

@@ -182,7 +182,9 @@ def write_params(path: Path, *, root: Path, family: str, methods: dict | None = 
     raw["fisher"].update({"examples": 4, "batch_size": 4, "max_new_tokens": 4})
     raw["evaluate"].update({"limit": 3, "batch_size": 8})
     for section, values in sections.items():
-        if isinstance(raw.get(section), dict) and isinstance(values, dict):
+        if section == "families":
+            raw["families"] = values
+        elif isinstance(raw.get(section), dict) and isinstance(values, dict):
             raw[section].update(values)
         else:
             raw[section] = values
