@@ -83,6 +83,14 @@ build_base() {
   log "imported $BASE_IMAGE"
 }
 
+# Digest of what the image copies from the working tree (tests refuse a stale image; tests/test_containers_real.py
+# computes the same): sha256sum lines of the files in C order, hashed.
+source_digest() {
+  (cd "$REPO" && { find sarmerge tasks -type f ! -path '*/__pycache__/*' ! -name '*.pyc';
+    printf '%s\n' pyproject.toml constraints.txt params.yaml dvc.yaml docker/sarmerge-step docker/Dockerfile.cpu; } \
+    | LC_ALL=C sort | xargs sha256sum | sha256sum | cut -c1-64)
+}
+
 build_cpu() {
   image_exists "$BASE_IMAGE" || die "$BASE_IMAGE is missing: run \`bash scripts/containers.sh base\` first"
   # The CPU torch wheel is local only (PyPI's torch 2.13.0 is the CUDA build, several GB): hand it to the build
@@ -101,7 +109,7 @@ build_cpu() {
   log "podman build $CPU_IMAGE from docker/Dockerfile.cpu (cached layers make re-runs fast) ..."
   # docker format: OCI images drop SHELL (the Dockerfiles use bash with pipefail)
   podman build --format docker --network host -f "$REPO/docker/Dockerfile.cpu" --build-arg "BASE_IMAGE=$BASE_IMAGE" \
-    -t "$CPU_IMAGE" "$REPO"
+    --build-arg "SOURCE_DIGEST=$(source_digest)" -t "$CPU_IMAGE" "$REPO" >&2
   podman image prune -f >/dev/null  # dangling layers of earlier builds
   log "built $CPU_IMAGE"
 }
@@ -148,6 +156,11 @@ status() {
   for img in "$BASE_IMAGE" "$CPU_IMAGE"; do
     if command -v podman >/dev/null && image_exists "$img"; then echo "image $img: present"; else echo "image $img: missing"; fi
   done
+  if command -v podman >/dev/null && image_exists "$CPU_IMAGE"; then
+    built=$(podman image inspect --format '{{ index .Labels "sarmerge.source" }}' "$CPU_IMAGE")
+    if [ "$built" = "$(source_digest)" ]; then echo "image $CPU_IMAGE: up to date with the working tree"
+    else echo "image $CPU_IMAGE: stale (sources changed since it was built): run \`bash scripts/containers.sh build\`"; fi
+  fi
   if pid=$(service_pid); then echo "service: PID $pid on unix://$SOCK"; else echo "service: not running"; fi
 }
 

@@ -35,6 +35,21 @@ def _require_tier() -> None:
         pytest.fail("SARMERGE_CONTAINERS=1 but podman is not installed: run `bash scripts/containers.sh build`")
     if subprocess.run(["podman", "image", "exists", IMAGE]).returncode != 0:
         pytest.fail(f"SARMERGE_CONTAINERS=1 but image {IMAGE} is missing: run `bash scripts/containers.sh build`")
+    built = subprocess.run(["podman", "image", "inspect", "--format", '{{ index .Labels "sarmerge.source" }}', IMAGE],
+                           capture_output=True, text=True).stdout.strip()
+    if built != source_digest():
+        pytest.fail(f"image {IMAGE} is stale (the sources changed since it was built): run "
+                    "`bash scripts/containers.sh build` (seconds with cached layers)")
+
+
+def source_digest() -> str:
+    """What scripts/containers.sh labels the image with: sha256 of the `sha256sum` lines of the files it copies."""
+    files = [f.relative_to(REPO).as_posix() for d in ("sarmerge", "tasks") for f in (REPO / d).rglob("*")
+             if f.is_file() and "__pycache__" not in f.parts and f.suffix != ".pyc"]
+    files += ["pyproject.toml", "constraints.txt", "params.yaml", "dvc.yaml", "docker/sarmerge-step",
+              "docker/Dockerfile.cpu"]
+    lines = "".join(f"{hashlib.sha256((REPO / f).read_bytes()).hexdigest()}  {f}\n" for f in sorted(files))
+    return hashlib.sha256(lines.encode()).hexdigest()
 
 
 @pytest.fixture(scope="module")
