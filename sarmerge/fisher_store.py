@@ -72,7 +72,7 @@ class FisherStore:
                 f"{self.path}: stores Fisher on the update support only; this method needs dense Fisher"
             )
         mask = support_mask(tau, self.epsilon)
-        count = int(mask.sum())
+        count = int(torch.count_nonzero(mask))
         total = self.ckpt.info(name).numel
         if offset + count > total or (rows is None and count != total):
             raise SarmergeError(

@@ -39,50 +39,57 @@ class SarParams(Params):
         return "element" if self.density >= 1.0 and self.rescale in ("norm", "none", "dare") else "tensor"
 
 
-def _fisher_avg(deltas: torch.Tensor, fishers: torch.Tensor, movers: torch.Tensor) -> torch.Tensor:
-    f = fishers * movers
-    num = (f * deltas).sum(0)
-    den = f.sum(0)
-    plain = (deltas * movers).sum(0) / movers.sum(0).clamp(min=1)
-    # Where every mover has zero Fisher there is no evidence either way: fall back to the movers' mean.
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), plain)
+def _sensitivity(p: SarParams, delta: torch.Tensor, fisher: torch.Tensor | None) -> torch.Tensor:
+    if p.sensitivity == "delta2":
+        return delta * delta
+    if p.sensitivity == "fisher":
+        return fisher
+    return fisher * delta * delta
 
 
 @merge_method("sar", params=SarParams, fisher="any", chunking=lambda p: p.chunking())
 def sar(g: TensorGroup, p: SarParams) -> torch.Tensor:
     """SAR-Merging: unique updates kept, overlaps arbitrated by Fisher sensitivity, sparsified and rescaled."""
-    deltas = torch.stack([w * d for w, d in zip(g.weights, g.deltas, strict=True)])
-    movers, count = supports(list(deltas), p.epsilon)
+    # Per-model running reductions throughout: reductions over a stacked model axis (argmax, sum) are pathologically
+    # slow on CPU and cost N extra tensors of memory.
+    deltas = [w * d for w, d in zip(g.weights, g.deltas, strict=True)]
+    movers, count = supports(deltas, p.epsilon)
     unique, overlap, support = count == 1, count >= 2, count >= 1
 
-    merged = (deltas * (movers & unique)).sum(0)
+    merged = torch.zeros_like(deltas[0])
+    for d, m in zip(deltas, movers, strict=True):
+        merged += torch.where(m & unique, d, 0.0)
     if bool(overlap.any()):
-        fishers = None
-        if p.uses_fisher():
-            fishers = torch.stack([f if f is not None else torch.zeros_like(deltas[0]) for f in g.fishers])
-        if p.sensitivity == "delta2":
-            sens = deltas**2
-        elif p.sensitivity == "fisher":
-            sens = fishers.clone()
-        else:
-            sens = fishers * deltas**2
-        sens = torch.where(movers, sens, torch.full_like(sens, -1.0))  # only movers compete
-        hard = deltas.gather(0, sens.argmax(0, keepdim=True)).squeeze(0)
-        if p.arbitration == "hard":
-            arbitrated = hard
-        else:
-            avg = _fisher_avg(deltas, fishers, movers)
-            if p.arbitration == "fisher_avg":
-                arbitrated = avg
-            else:  # hybrid: average where the movers agree in sign, hard choice where they conflict
-                signs = torch.sign(deltas) * movers
-                conflict = (signs > 0).any(0) & (signs < 0).any(0)
-                arbitrated = torch.where(conflict, hard, avg)
+        zeros = torch.zeros_like(deltas[0])
+        fishers = [(f if f is not None else zeros) for f in g.fishers] if p.uses_fisher() else [None] * len(deltas)
+        # hard: the update of the most sensitive mover (first one on ties, like argmax)
+        best_s = torch.full_like(deltas[0], -1.0)
+        hard = torch.zeros_like(deltas[0])
+        for d, m, f in zip(deltas, movers, fishers, strict=True):
+            s = torch.where(m, _sensitivity(p, d, f), -1.0)
+            better = s > best_s
+            best_s = torch.where(better, s, best_s)
+            hard = torch.where(better, d, hard)
+        arbitrated = hard
+        if p.arbitration != "hard":
+            num, den, plain = torch.zeros_like(hard), torch.zeros_like(hard), torch.zeros_like(hard)
+            pos, neg = torch.zeros_like(overlap), torch.zeros_like(overlap)
+            for d, m, f in zip(deltas, movers, fishers, strict=True):
+                fm = torch.where(m, f, 0.0)
+                num += fm * d
+                den += fm
+                plain += torch.where(m, d, 0.0)
+                pos |= m & (d > 0)
+                neg |= m & (d < 0)
+            plain /= count.clamp(min=1)
+            # Where every mover has zero Fisher there is no evidence either way: the movers' mean.
+            avg = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), plain)
+            arbitrated = avg if p.arbitration == "fisher_avg" else torch.where(pos & neg, hard, avg)
         merged = torch.where(overlap, arbitrated, merged)
 
     norm_before = torch.linalg.vector_norm(merged)
     if p.density < 1.0:
-        k = int(p.density * int(support.sum()))
+        k = int(p.density * int(torch.count_nonzero(support)))
         merged = merged * topk_mask(merged, k, within=support)
     if p.rescale == "norm":
         norm_after = torch.linalg.vector_norm(merged)
@@ -91,8 +98,10 @@ def sar(g: TensorGroup, p: SarParams) -> torch.Tensor:
     elif p.rescale == "dare" and p.density < 1.0:
         merged = merged / p.density
     elif p.rescale == "ram_plus":
-        for t, boost in enumerate(unique_boost(movers, count, p.r)):
-            merged = torch.where(movers[t] & unique, merged * boost, merged)
+        for m, boost in zip(movers, unique_boost(movers, count, p.r), strict=True):
+            merged = torch.where(m & unique, merged * boost, merged)
 
-    drift = (deltas * ~support).mean(0)
-    return g.base + p.lambda_ * merged + drift
+    drift = torch.zeros_like(merged)
+    for d in deltas:
+        drift += torch.where(support, 0.0, d)
+    return g.base + p.lambda_ * merged + drift / len(deltas)
