@@ -107,7 +107,8 @@ def main() -> int:
     load = os.getloadavg()[0]
     lines = [
         "Registration (model version creation time in MLflow) → start of the merge_on_upload DAG run it triggers, "
-        f"on the embedded stack (MLflow sqlite server, Airflow 3.3.2 standalone, LocalExecutor, parallelism 4). "
+        "on the embedded stack (MLflow sqlite server, Airflow 3.3.2 standalone, LocalExecutor, parallelism "
+        f"{state['parallelism']}). "
         f"{args.runs} uploads per path, spaced so runs never coalesce; watcher poll interval {args.poll:g} s. "
         f"Machine: {machine()}, load average {load:.1f} at the end (shared with other jobs). "
         f"Stack start-up (db migrate, MLflow, Airflow, relay): {state['started_in_s']:.0f} s.",

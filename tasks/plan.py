@@ -169,9 +169,15 @@ class Planner:
                dest, lambda scratch: reg.download_checkpoint(self.client, ref, scratch))
 
     def fetch_calib(self, domain: str, parents: list[reg.ModelRef], dest: Path) -> str:
+        """This domain's calibration data: from a parent registered with --calib, else from the newest version of the
+        domain in the family that has it, else params.yaml fisher.data."""
         import mlflow
 
-        for p in parents:
+        fam = self.params.family_of(parents[0].name)
+        family = self.family_versions(fam.name) if fam else []
+        others = sorted((r for r in family if r.domain == domain and r.key not in {p.key for p in parents}),
+                        key=lambda r: (r.created, int(r.version)), reverse=True)
+        for p in [*parents, *others]:
             if p.domain != domain or not p.run_id:
                 continue
             try:

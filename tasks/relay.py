@@ -102,7 +102,7 @@ class AirflowClient:
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:
             return json.loads(resp.read())["access_token"]
 
-    def request(self, method: str, path: str, payload: Any = None) -> Any:
+    def request(self, method: str, path: str, payload: Any = None, timeout: float | None = None) -> Any:
         for attempt in (1, 2):
             with self._lock:
                 if self._token is None:
@@ -113,7 +113,7 @@ class AirflowClient:
                                          headers={"Content-Type": "application/json",
                                                   "Authorization": f"Bearer {token}"})
             try:
-                with urllib.request.urlopen(req, timeout=self.timeout) as resp:
+                with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
                     return json.loads(resp.read() or b"null")
             except urllib.error.HTTPError as e:
                 if e.code == 401 and attempt == 1 and not self._static_token:

@@ -32,6 +32,8 @@ from tasks.params import REPO_ROOT, params_path
 
 BIN = Path(sys.executable).parent
 STATE = "stack.json"
+# Concurrent Airflow tasks: 2-4 on a small machine (each step is a Python process that imports torch)
+DEFAULT_PARALLELISM = min(4, max(2, os.cpu_count() or 2))
 
 
 def free_port() -> int:
@@ -115,7 +117,7 @@ class Stack:
             proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env, cwd=cwd, start_new_session=True)
         return proc, log
 
-    def up(self, *, params: str | Path | None = None, parallelism: int = 4, relay: bool = True,
+    def up(self, *, params: str | Path | None = None, parallelism: int = DEFAULT_PARALLELISM, relay: bool = True,
            relay_models: str | None = None, extra_env: dict[str, str] | None = None,
            timeout: float = 300) -> dict[str, Any]:
         if self.state_file.exists() and any(_group_alive(p) for p in self.state().get("pids", {}).values()):
@@ -127,7 +129,8 @@ class Stack:
         t0 = time.monotonic()
         ports = {"mlflow": free_port(), "airflow": free_port(), "relay": free_port()}
         urls = {k: f"http://127.0.0.1:{p}" for k, p in ports.items()}
-        state: dict[str, Any] = {"dir": str(self.dir), "ports": ports, "urls": urls, "pids": {}}
+        state: dict[str, Any] = {"dir": str(self.dir), "ports": ports, "urls": urls, "pids": {},
+                                 "parallelism": parallelism}
         password, webhook_secret = secrets.token_urlsafe(16), secrets.token_urlsafe(32)
         _write_secret(self.dir / "airflow" / "passwords.json", json.dumps({"sarmerge": password}))
         _write_secret(self.dir / "secrets.env", f"AIRFLOW_API_USER=sarmerge\nAIRFLOW_API_PASSWORD={password}\n"
@@ -264,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     up = sub.add_parser("up", help="start MLflow, Airflow standalone and the relay")
     up.add_argument("--dir", required=True, type=Path)
     up.add_argument("--params", default=None, help="params.yaml for the pipeline (default: the repo's)")
-    up.add_argument("--parallelism", type=int, default=4, help="Airflow core.parallelism (2-4 here)")
+    up.add_argument("--parallelism", type=int, default=DEFAULT_PARALLELISM,
+                    help=f"Airflow core.parallelism (default {DEFAULT_PARALLELISM}: 2-4 by CPU count)")
     up.add_argument("--no-relay", action="store_true", help="watcher only, no webhook push path")
     for name in ("down", "status"):
         s = sub.add_parser(name)

@@ -29,7 +29,7 @@ def stack(tmp_path_factory):
                           pairing={"enhancement": False}, merge={"methods": {"sar": {}}},
                           trigger={"poll_interval_s": 2})
     s = Stack(tmp / "stack")
-    state = s.up(params=params, parallelism=4,
+    state = s.up(params=params, parallelism=2,
                  extra_env={"SARMERGE_PIPELINE_ROOT": str(root), "SARMERGE_FAULT": "register.after_version",
                             "SARMERGE_FAULT_ONCE": str(tmp / "faults")})
     env = s.env()
