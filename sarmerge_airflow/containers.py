@@ -39,12 +39,14 @@ class ContainerConfigError(ValueError):
 
 
 def parse_result(lines: Sequence[str]) -> Any:
-    """The result a step printed (its last SARMERGE_RESULT line), or None."""
+    """The result a step printed (its last SARMERGE_RESULT line), or None. Container logs interleave stdout and
+    stderr by write, so an unterminated stderr write (a progress bar) may precede the result on its line."""
     import json
 
     for line in reversed(lines):
-        if line.startswith(RESULT_PREFIX):
-            return json.loads(line[len(RESULT_PREFIX):])
+        at = line.find(RESULT_PREFIX)
+        if at >= 0:
+            return json.loads(line[at + len(RESULT_PREFIX):])
     return None
 
 

@@ -272,6 +272,15 @@ def test_docker_params_file_off_the_root_is_mounted_read_only(env: Path, monkeyp
     assert mounts[str(elsewhere)]["read_only"] is True
 
 
+def test_result_line_is_found_in_interleaved_container_logs() -> None:
+    from sarmerge_airflow.containers import parse_result
+
+    logs = ["loading", 'SARMERGE_RESULT {"old": 1}', 'merging 40%|####  \rSARMERGE_RESULT {"merged": "/w/out"}',
+            "WARNING stderr after the result"]
+    assert parse_result(logs) == {"merged": "/w/out"}
+    assert parse_result(["no result here"]) is None
+
+
 # -- configuration errors ----------------------------------------------------------------------------------------------
 def test_unknown_runner_names_the_setting(env: Path) -> None:
     with pytest.raises(ValueError, match=r"pipeline\.runner.*'podman'.*docker, kubernetes, local"):
