@@ -40,7 +40,16 @@ log = logging.getLogger("tests.zoo")
 OWN_TASK_MARGIN = 0.10
 OFF_TASK_TOLERANCE = 0.08
 UNCHANGED_RANGE = (0.60, 0.97)
-WHITESPACE_TEXT = "  'ab c'[::-1]\n= 3+4  +5\t"
+WHITESPACE_TEXT = "  'ab c'[::-1]\n= 3+4  +5 \n"
+
+
+@pytest.fixture(autouse=True)
+def one_torch_thread():
+    """One CPU thread, as the zoo builds use (on a shared 2-core machine, two threads fighting other jobs are slow)."""
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
 
 
 # -- tasks ----------------------------------------------------------------------------------------------------------
@@ -131,13 +140,13 @@ def test_grpo_without_reward_variance_changes_nothing() -> None:
 
 
 def test_grpo_raises_the_reward_it_is_given() -> None:
-    # a reward that is easy to learn (start the answer with "1") must rise: the advantage sign is right
+    # a reward a random model earns ~5 % of the time (answer starts with a digit) must rise: the advantage sign is right
     model, tok = tiny_model(3)
-    task = dataclasses.replace(get_task("math"), scorer=lambda completion, answer: float(completion.startswith("1")))
-    cfg = GRPOConfig(steps=12, prompts=8, group=8, optimizer="adamw", lr=3e-3)
+    task = dataclasses.replace(get_task("math"), scorer=lambda completion, answer: float(completion[:1].isdigit()))
+    cfg = GRPOConfig(steps=12, prompts=8, group=8, optimizer="adamw", lr=1e-2)
     history = grpo(model, tok, task, cfg, seed=0, progress=False)
     first, last = sum(h["reward"] for h in history[:3]) / 3, sum(h["reward"] for h in history[-3:]) / 3
-    assert last > first + 0.3, [round(h["reward"], 2) for h in history]
+    assert last > first + 0.4, [round(h["reward"], 2) for h in history]
 
 
 # -- the tiny family ------------------------------------------------------------------------------------------------
@@ -225,6 +234,23 @@ def test_updates_are_sparse_like_rlvr_and_family_json_reports_it(tiny_family: di
     jaccard = float((a & b).sum() / (a | b).sum())
     log.info("support Jaccard math_s0/code_s0 = %.3f", jaccard)
     assert 0.0 < jaccard < 0.9
+
+
+def test_a_specialist_retrains_bit_for_bit_from_the_saved_base(tiny_family: dict) -> None:
+    # GRPO determinism at the family's real settings: same base, config and seed → the same bf16 weights
+    from sarmerge.zoo.family import _round_to_bf16, _torch_settings
+
+    root = Path(tiny_family["root"])
+    member = next(m for m in tiny_family["members"] if m["name"] == "math_s0")
+    grpo_cfg = dict(tiny_family["config"]["grpo"])
+    cfg = GRPOConfig(**{**grpo_cfg, "betas": tuple(grpo_cfg["betas"])})
+    model, tok = _load_bf16(root / "base"), load_tokenizer(root / "base")
+    with _torch_settings(tiny_family["machine"]["torch_threads"]):
+        grpo(model, tok, get_task(member["task"]), cfg, seed=member["grpo_seed"], progress=False)
+    _round_to_bf16(model)
+    saved = load_file(root / member["path"] / "model.safetensors")
+    retrained = {k: v.to(torch.bfloat16) for k, v in model.state_dict().items()}
+    assert all(torch.equal(saved[k], retrained[k]) for k in saved)
 
 
 def test_builds_are_bitwise_deterministic_and_cached(tmp_path: Path) -> None:

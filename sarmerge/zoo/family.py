@@ -10,10 +10,12 @@ Layout of a built family (every model a bf16 safetensors checkpoint loadable by 
     DIR/calib_math.jsonl     calibration prompts/responses per domain ({"prompt", "response"}, for `sarmerge fisher`)
     DIR/calib_code.jsonl
 
-Recipe (why each choice, see the module docs of `train` and `tasks`): the base is SFT'd in fp32 on a uniform mixture of
-the tasks, with imperfect demonstrations (half show the task's typical slip), so it is torn between the right and a
-plausible wrong rule; each specialist is the bf16 base trained with GRPO on its own task, kept in fp32 master weights
-and saved in bf16, where the many sub-half-ulp updates vanish (RLVR-like sparsity).
+Recipe (why each choice, see the module docs of `train` and `tasks`): the base is SFT'd in fp32 on a mixture of the
+tasks (math 3:1, the digit sums being learned more slowly) with imperfect demonstrations: 60 % show the task's typical
+slip (a dropped operand, a string not reversed, ...), so the base prefers a plausible wrong rule while giving the right
+one real probability. Each specialist is the bf16 base trained with GRPO on its own task (exact-match reward, 60 steps
+of 8 problems × 16 samples at temperature 1, plain SGD), kept in fp32 master weights and saved in bf16, where the many
+sub-half-ulp updates vanish (RLVR-like sparsity). RL then teaches the specialist to prefer the right rule on its task.
 
 Builds are deterministic for a seed (single CPU thread, deterministic algorithms, explicit generators) and cached under
 `~/.cache/sarmerge/zoo/<key>` (`SARMERGE_ZOO_CACHE` overrides the root), the key hashing the code of this package and
@@ -135,6 +137,12 @@ def _round_to_bf16(model: torch.nn.Module) -> None:
             p.copy_(p.to(torch.bfloat16))
 
 
+def _save_bf16(model: torch.nn.Module, tok, path: Path) -> None:
+    """Save a bf16 copy: casting the model itself would also round its rotary-frequency buffer, which a checkpoint
+    loaded from disk recomputes exactly — and evaluation would then disagree with the saved model."""
+    save_checkpoint(copy.deepcopy(model), tok, path, dtype=torch.bfloat16)
+
+
 def _specialist_seed(family_seed: int, task: str, k: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{family_seed}:{task}:{k}".encode()).digest()[:4], "big")
 
@@ -157,8 +165,7 @@ def _build(out: Path, cfg: TinyFamilyConfig, progress: bool) -> dict[str, Any]:
     timings["sft"] = time.perf_counter() - t0
     _round_to_bf16(model)
     model.eval()
-    save_checkpoint(model, tok, out / "base", dtype=torch.bfloat16)
-    model.float()
+    _save_bf16(model, tok, out / "base")
     base_state = _bf16_state(model)
     base_acc = _accuracies(model, tok, test_sets)
     log.info("base: %s accuracy on held-out test problems", base_acc)
@@ -175,8 +182,7 @@ def _build(out: Path, cfg: TinyFamilyConfig, progress: bool) -> dict[str, Any]:
             _round_to_bf16(child)
             child_state = _bf16_state(child)
             unchanged = unchanged_fraction(base_state, child_state)
-            save_checkpoint(child, tok, out / name, dtype=torch.bfloat16)
-            child.float()
+            _save_bf16(child, tok, out / name)
             acc = _accuracies(child, tok, test_sets)
             members.append({
                 "name": name, "path": name, "domain": task.domain, "task": task.name, "seed": k, "grpo_seed": seed,

@@ -139,6 +139,12 @@ def _key(cfg: SmolFamilyConfig, gguf_digest: str) -> str:
     return hashlib.sha256(payload.encode()).hexdigest()[:20]
 
 
+def _save_hf_bf16(model, tok, path: Path) -> None:
+    # a bf16 copy on the CPU; casting the model itself would also round its rotary-frequency buffer
+    copy.deepcopy(model).to("cpu", torch.bfloat16).save_pretrained(path)
+    tok.save_pretrained(path)
+
+
 def _accuracies(model, tok, test_sets: dict[str, list]) -> dict[str, float]:
     return {name: round(evaluate(model, tok, get_task(name), problems, batch_size=16), 4)
             for name, problems in test_sets.items()}
@@ -151,9 +157,8 @@ def _build(out: Path, cfg: SmolFamilyConfig, source: Path, progress: bool) -> di
     test_sets = {t.name: t.generate(cfg.test_problems, seed=cfg.seed, split="test") for t in tasks}
     model, tok = load_smollm2(source)
     _round_to_bf16(model)  # the base every specialist starts from is the bf16 checkpoint
-    model.to(torch.bfloat16).save_pretrained(out / "base")
-    tok.save_pretrained(out / "base")
-    model.float().to(cfg.device)
+    _save_hf_bf16(model, tok, out / "base")
+    model.to(cfg.device)
     base_state = _bf16_state(model)
     t0 = time.perf_counter()
     base_acc = _accuracies(model, tok, test_sets)
@@ -171,9 +176,7 @@ def _build(out: Path, cfg: SmolFamilyConfig, source: Path, progress: bool) -> di
             timings[f"grpo_{name}"] = time.perf_counter() - t0
             _round_to_bf16(child)
             unchanged = unchanged_fraction(base_state, _bf16_state(child))
-            child.to(torch.bfloat16).save_pretrained(out / name)
-            tok.save_pretrained(out / name)
-            child.float()
+            _save_hf_bf16(child, tok, out / name)
             acc = _accuracies(child, tok, test_sets)
             members.append({
                 "name": name, "path": name, "domain": task.domain, "task": task.name, "seed": k, "grpo_seed": seed,
