@@ -49,7 +49,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--tasks", default="math_nl,code_nl", help="comma-separated tasks (default math_nl,code_nl)")
     s.add_argument("--seeds-per-task", type=int, default=None, help="specialists per task (default 1)")
     s.add_argument("--steps", type=int, default=None, help="GRPO steps per specialist (default 30)")
-    s.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 2e-6)")
+    s.add_argument("--lr", type=float, default=None, help="AdamW learning rate (default 5e-6)")
     s.add_argument("--prompts", type=int, default=None, help="problems per GRPO step (default 4)")
     s.add_argument("--group", type=int, default=None, help="completions per problem (default 4)")
     s.add_argument("--test-problems", type=int, default=None, help="held-out problems per task (default 64)")

@@ -151,7 +151,7 @@ def _accuracies(model, tok, test_sets: dict[str, Sequence]) -> dict[str, float]:
     return {name: round(evaluate(model, tok, get_task(name), problems), 4) for name, problems in test_sets.items()}
 
 
-def _build(out: Path, cfg: TinyFamilyConfig, progress: bool) -> dict[str, Any]:
+def _build(out: Path, cfg: TinyFamilyConfig, key: str, progress: bool) -> dict[str, Any]:
     t_start, c_start = time.perf_counter(), time.process_time()
     timings: dict[str, float] = {}
     tasks = [get_task(t) for t in cfg.tasks]
@@ -209,7 +209,7 @@ def _build(out: Path, cfg: TinyFamilyConfig, progress: bool) -> dict[str, Any]:
     family = {
         "format": FORMAT,
         "seed": cfg.seed,
-        "key": cache_key(cfg),
+        "key": key,  # computed before the build: the code it hashes is the code that ran
         "model": {"architecture": "Qwen2ForCausalLM", "parameters": n_params, "dtype": "bfloat16",
                   "tokenizer": "char-level (load with sarmerge.zoo.tiny.load_tokenizer)"},
         "tasks": {t.name: {"domain": t.domain, "description": t.description, "test_problems": cfg.test_problems,
@@ -274,7 +274,7 @@ def build_tiny_family(out: str | Path | None = None, seed: int = 0, *, cache_dir
         if out is None:
             raise SarmergeError("build_tiny_family: give `out` when the cache is off")
         with _torch_settings(cfg.threads), atomic_output_dir(out, overwrite=overwrite) as tmp:
-            _build(tmp, cfg, progress)
+            _build(tmp, cfg, cache_key(cfg), progress)
         return load_family(out)
 
     root = Path(cache_dir) if cache_dir not in (None, True) else default_cache_root()
@@ -285,7 +285,7 @@ def build_tiny_family(out: str | Path | None = None, seed: int = 0, *, cache_dir
         else:
             log.info("tiny family: building into cache %s", entry)
             with _torch_settings(cfg.threads), atomic_output_dir(entry, overwrite=True) as tmp:
-                _build(tmp, cfg, progress)
+                _build(tmp, cfg, entry.name, progress)
     if out is None:
         return load_family(entry)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

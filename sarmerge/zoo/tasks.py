@@ -63,12 +63,23 @@ def last_integer_match(completion: str, answer: str) -> float:
     return float(bool(numbers) and numbers[-1] == answer)
 
 
-def first_line_match(completion: str, answer: str) -> float:
-    """1.0 when the first non-empty line, without quotes, backticks and a trailing period, equals the answer."""
+_EVALUATES_TO = re.compile(r"evaluates?\s+to\s*:?\s*(\S+)", re.IGNORECASE)
+
+
+def _unquote(text: str) -> str:
+    return text.strip().strip("`").strip().rstrip(".,;:").strip().strip("`'\"")
+
+
+def string_output_match(completion: str, answer: str) -> float:
+    """1.0 when the stated output equals the answer: the value after "evaluates to" when the model says so (quotes,
+    backticks and trailing punctuation removed), else the first non-empty line (an "Output:" prefix removed)."""
+    stated = _EVALUATES_TO.search(completion)
+    if stated:
+        return float(_unquote(stated.group(1)) == answer)
     for line in completion.splitlines():
-        text = line.strip().strip("`").strip().rstrip(".").strip().strip("'\"")
+        text = _unquote(line)
         if text.lower().startswith("output:"):
-            text = text[len("output:"):].strip().strip("'\"")
+            text = _unquote(text[len("output:"):])
         if text:
             return float(text == answer)
     return 0.0
@@ -188,7 +199,7 @@ TASKS: dict[str, Task] = {
         Task("math_nl", "math", "a plus/minus b, operands 0..50, natural-language prompt", _math_nl,
              last_integer_match, 4, max_new_tokens=24),
         Task("code_nl", "code", "output of a one-line Python string expression, natural-language prompt", _code_nl,
-             first_line_match, 8, max_new_tokens=24),
+             string_output_match, 8, max_new_tokens=24),
     ]
 }
 
