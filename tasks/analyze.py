@@ -20,6 +20,13 @@ def analyze(ws: Workspace) -> dict[str, Any]:
     out = ws.analysis_dir
     if out.is_dir():
         return {"analysis": str(out), "skipped": "already present"}
+    if not ws.params.analyze.geometry:
+        from sarmerge.checkpoint import atomic_output_dir
+
+        with atomic_output_dir(out) as tmp:
+            (tmp / "report.md").write_text("# Analysis\n\nGeometry report disabled (params.yaml `analyze.geometry: "
+                                           "false`).\n")
+        return {"analysis": str(out), "skipped": "analyze.geometry is false"}
     from sarmerge.analysis import geometry_report
 
     names = [*ws.job.parents, *(f"merged-{m}" for m in ws.params.merge.methods)]

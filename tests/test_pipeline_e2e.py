@@ -27,7 +27,8 @@ def stack(tmp_path_factory):
                 {"name": "e2p", "models": "e2p-(math|code)", "merged_model": "e2p-merged", "watcher": False}]
     params = write_params(tmp / "params.yaml", root=root, family="e2e", families=families,
                           pairing={"enhancement": False}, merge={"methods": {"sar": {}}},
-                          trigger={"poll_interval_s": 2})
+                          trigger={"poll_interval_s": 2}, analyze={"geometry": False},
+                          fisher={"examples": 2, "max_new_tokens": 2}, evaluate={"limit": 2})
     s = Stack(tmp / "stack")
     state = s.up(params=params, parallelism=2,
                  extra_env={"SARMERGE_PIPELINE_ROOT": str(root), "SARMERGE_FAULT": "register.after_version",
@@ -87,7 +88,7 @@ def test_registering_a_checkpoint_alone_yields_a_registered_evaluated_merge(stac
     (v,) = merged
     assert v.tags[reg.TAG_METHOD] == "sar" and v.tags[reg.TAG_GATE] in ("pass", "fail")
     assert set(json.loads(v.tags[reg.TAG_SCORES])) == {"zoo:math", "zoo:code"}
-    assert {"evaluation", "analysis", "checkpoint"} <= {f.path for f in client.list_artifacts(v.run_id)}
+    assert {"evaluation", "analysis", "checkpoint", "evidence"} <= {f.path for f in client.list_artifacts(v.run_id)}
     runs = wait_runs_finished(api, 600)
     assert all(r["state"] == "success" for r in runs), [(r["dag_run_id"], r["state"]) for r in runs]
     # the register task was SIGKILLed after creating the version, and Airflow's retry finished the job
