@@ -3,9 +3,9 @@ SmolLM2 conversion and GRPO run (slow tier).
 
 Stated margins (on held-out test problems, greedy decoding, re-evaluated here from the saved bf16 checkpoints):
 - every specialist beats the base on its own task by >= 8 accuracy points, and each domain's specialists by >= 10 on
-  average (measured over family seeds 0–3: +9.0 to +23.3 per specialist, domain means +10.6 to +21.9);
+  average (measured over family seeds 0–3: +9.0 to +22.5 per specialist, domain means +10.6 to +21.9);
 - off-task accuracy stays within 8 points of the base (the skills a merge should combine are not destroyed);
-- 60–97 % of weights are bitwise unchanged from the base (RLVR-like sparsity; the build measured 74–81 %).
+- 60–97 % of weights are bitwise unchanged from the base (RLVR-like sparsity; measured 69–78 % over seeds 0–3).
 """
 
 from __future__ import annotations

@@ -151,7 +151,7 @@ def _accuracies(model, tok, test_sets: dict[str, list]) -> dict[str, float]:
             for name, problems in test_sets.items()}
 
 
-def _build(out: Path, cfg: SmolFamilyConfig, source: Path, progress: bool) -> dict[str, Any]:
+def _build(out: Path, cfg: SmolFamilyConfig, source: Path, key: str, progress: bool) -> dict[str, Any]:
     t_start = time.perf_counter()
     timings: dict[str, float] = {}
     tasks = [get_task(t) for t in cfg.tasks]
@@ -196,7 +196,7 @@ def _build(out: Path, cfg: SmolFamilyConfig, source: Path, progress: bool) -> di
         calibration[task.domain] = path.name
     timings["total"] = time.perf_counter() - t_start
     family = {
-        "format": FORMAT, "seed": cfg.seed, "key": out.name,
+        "format": FORMAT, "seed": cfg.seed, "key": key,
         "model": {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
                   "dtype": "bfloat16", "source": json.loads((source / "sarmerge_source.json").read_text())},
         "tasks": {t.name: {"domain": t.domain, "description": t.description, "test_problems": cfg.test_problems,
@@ -235,13 +235,13 @@ def build_smollm2_family(out: str | Path | None = None, seed: int = 0, *, cache_
         if out is None:
             raise SarmergeError("build_smollm2_family: give `out` when the cache is off")
         with _torch_settings(cfg.threads), atomic_output_dir(out, overwrite=overwrite) as tmp:
-            _build(tmp, cfg, source, progress)
+            _build(tmp, cfg, source, _key(cfg, gguf_digest), progress)
         return load_family(out)
     entry = root / f"smollm2-family-{_key(cfg, gguf_digest)}"
     with _lock(root / f".{entry.name}.lock"):
         if not (entry / "family.json").exists():
             with _torch_settings(cfg.threads), atomic_output_dir(entry, overwrite=True) as tmp:
-                _build(tmp, cfg, source, progress)
+                _build(tmp, cfg, source, entry.name.removeprefix("smollm2-family-"), progress)
     if out is None:
         return load_family(entry)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:

@@ -60,16 +60,17 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
     """
     was_training = model.training
     model.eval()
+    dev = _device(model)  # bookkeeping and sampling stay on the CPU (one seeded generator whatever the device)
     ids, mask = _left_pad(prompt_ids, pad_id)
     pos = _positions(mask)
-    out = model(input_ids=ids, attention_mask=mask, position_ids=pos, use_cache=True)
-    cache, logits = out.past_key_values, out.logits[:, -1, :]
+    out = model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev), use_cache=True)
+    cache, logits = out.past_key_values, out.logits[:, -1, :].float().cpu()
     finished = torch.zeros(len(prompt_ids), dtype=torch.bool)
     generated: list[list[int]] = [[] for _ in prompt_ids]
     next_pos = pos[:, -1:] + 1
     for _ in range(max_new_tokens):
         if temperature > 0:
-            probs = torch.softmax(logits.float() / temperature, dim=-1)
+            probs = torch.softmax(logits / temperature, dim=-1)
             token = torch.multinomial(probs, 1, generator=generator).squeeze(-1)
         else:
             token = logits.argmax(dim=-1)
@@ -80,9 +81,9 @@ def generate(model, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
             break
         token = torch.where(finished, torch.full_like(token, pad_id), token)
         mask = torch.cat([mask, (~finished).long().unsqueeze(-1)], dim=-1)
-        out = model(input_ids=token.unsqueeze(-1), attention_mask=mask, position_ids=next_pos,
-                    past_key_values=cache, use_cache=True)
-        cache, logits = out.past_key_values, out.logits[:, -1, :]
+        out = model(input_ids=token.unsqueeze(-1).to(dev), attention_mask=mask.to(dev),
+                    position_ids=next_pos.to(dev), past_key_values=cache, use_cache=True)
+        cache, logits = out.past_key_values, out.logits[:, -1, :].float().cpu()
         next_pos = next_pos + 1
     model.train(was_training)
     return generated
@@ -123,9 +124,15 @@ def _sequence_batch(prompt_ids: Sequence[Sequence[int]], completion_ids: Sequenc
     return ids, mask, _positions(mask), target_mask[:, :-1]
 
 
+def _device(model) -> torch.device:
+    return next(model.parameters()).device
+
+
 def token_logprobs(model, ids: torch.Tensor, mask: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
-    """log p(token t+1 | ≤ t) for every position, shape [B, T-1]."""
-    logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits[:, :-1, :].float()
+    """log p(token t+1 | ≤ t) for every position, shape [B, T-1], on the model's device."""
+    dev = _device(model)
+    ids = ids.to(dev)
+    logits = model(input_ids=ids, attention_mask=mask.to(dev), position_ids=pos.to(dev)).logits[:, :-1, :].float()
     return torch.log_softmax(logits, dim=-1).gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
 
 
@@ -168,6 +175,7 @@ def sft(model, tokenizer, tasks: Sequence[Task], cfg: SFTConfig, seed: int, prog
                    for ids in tokenizer(targets, add_special_tokens=False)["input_ids"]]
         ids, mask, pos, tmask = _sequence_batch(prompt_ids, answers, tokenizer.pad_token_id)
         logp = token_logprobs(model, ids, mask, pos)
+        tmask = tmask.to(logp.device)
         loss = -(logp * tmask).sum() / tmask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -231,6 +239,7 @@ def grpo(model, tokenizer, task: Task, cfg: GRPOConfig, seed: int, reference=Non
         adv = ((rewards - rewards.mean(1, keepdim=True)) / (rewards.std(1, keepdim=True) + 1e-4)).flatten()
         informative = float((rewards.std(1) > 0).float().mean())
         ids, mask, pos, tmask = _sequence_batch(prompt_ids, completions, pad)
+        tmask, adv = tmask.to(_device(model)), adv.to(_device(model))
         old_logp = ref_logp = None
         with torch.no_grad():
             # with one pass the sampling policy is the current one: ratio = exp(logp - logp.detach())
