@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import dataclasses
 import io
 import json
 import logging
@@ -187,13 +188,30 @@ def family_overrides(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def build_family(root: Path, seed: int, *, overrides: dict[str, Any], progress: bool) -> tuple[Family, float]:
-    """The tiny zoo family of `seed` in `root` (built, or copied from the zoo's own cache when it was built before)."""
-    from sarmerge.zoo.family import build_tiny_family
+def build_family(root: Path, seed: int, *, overrides: dict[str, Any], rebuild: bool, progress: bool
+                 ) -> tuple[Family, float | None, str]:
+    """The tiny zoo family of `seed` in `root`: reused when `root` holds one built with the same configuration (the
+    stamp ROOT.build.json records it and the zoo code it was built with), else built (or copied from the zoo's own
+    cache). Returns the family, the seconds spent building (None when reused) and the zoo code fingerprint.
 
+    Reuse goes by configuration, not by the zoo's code hash, so edits to the zoo that do not change the weights
+    (logging, device plumbing) do not force a rebuild; the report states every family's zoo code fingerprint, and
+    `--rebuild` starts afresh.
+    """
+    from sarmerge.zoo.family import TinyFamilyConfig, build_tiny_family, code_fingerprint
+
+    kwargs = family_overrides(overrides)
+    config = json.loads(json.dumps(dataclasses.replace(TinyFamilyConfig(), **kwargs, seed=seed).as_dict()))
+    stamp = root.with_name(root.name + ".build.json")
+    if not rebuild and (root / "family.json").exists() and stamp.exists():
+        recorded = json.loads(stamp.read_text())
+        if recorded.get("config") == config:
+            return read_family(root, seed), None, recorded["zoo_code"]
+    code = code_fingerprint()
     t0 = time.perf_counter()
-    build_tiny_family(root, seed=seed, overwrite=True, progress=progress, **family_overrides(overrides))
-    return read_family(root, seed), time.perf_counter() - t0
+    build_tiny_family(root, seed=seed, overwrite=True, progress=progress, **kwargs)
+    stamp.write_text(json.dumps({"config": config, "zoo_code": code, "git_revision": _git_revision()}) + "\n")
+    return read_family(root, seed), time.perf_counter() - t0, code
 
 
 def compute_fishers(fam: Family, store: Path, *, examples: int, progress: bool) -> dict[str, dict[str, Path]]:
@@ -375,6 +393,7 @@ class Options:
     tune_baselines: bool
     fisher_examples: int
     family: dict[str, Any]
+    rebuild: bool
     progress: bool
     report: Path | None
     plots_dir: Path | None
@@ -433,9 +452,11 @@ def run_experiment(opt: Options) -> dict[str, Any]:
     families: list[Family] = []
     build_seconds: dict[int, float | None] = {}
     fishers: dict[int, dict[str, dict[str, Path]]] = {}
+    zoo_code: dict[int, str] = {}
     t0 = time.perf_counter()
     for seed in opt.seeds:
-        fam, secs = build_family(opt.out / f"family-s{seed}", seed, overrides=opt.family, progress=opt.progress)
+        fam, secs, zoo_code[seed] = build_family(opt.out / f"family-s{seed}", seed, overrides=opt.family,
+                                                 rebuild=opt.rebuild, progress=opt.progress)
         families.append(fam)
         build_seconds[seed] = secs
     timings["families"] = time.perf_counter() - t0
@@ -546,6 +567,7 @@ def run_experiment(opt: Options) -> dict[str, Any]:
             "torch": torch.__version__,
             "threads": opt.threads,
             "git_revision": _git_revision(),
+            "zoo_code_sha256": zoo_code,  # per family seed: which zoo code built it
             "family_build_seconds": build_seconds,
             "family_meta": {f.seed: f.meta for f in families},
             "evaluator_crosscheck": crosscheck,
@@ -879,6 +901,10 @@ def render_report(results: dict[str, Any], opt: Options) -> str:
     w("## Setup\n")
     w(f"- **Family** (`sarmerge zoo tiny`, one per seed {', '.join(map(str, seeds))}): "
       + family_sentence(results["family_meta"], results["family_build_seconds"]))
+    codes = sorted(set(results.get("zoo_code_sha256", {}).values()))
+    w(f"  - zoo code (`sarmerge.zoo.family.code_fingerprint`) of every family: `{codes[0][:16]}`" if len(codes) == 1
+      else "  - **warning**: the families were built by different zoo code (" + ", ".join(c[:16] for c in codes)
+      + "); re-run with `--rebuild`")
     w("- **Tasks** (`sarmerge.zoo.tasks`, disjoint train/val/test splits by prompt hash): "
       + "; ".join(f"`{t}` ({d})" for d, t in s["domains"].items())
       + ". Scoring: exact match of the greedy completion.")
@@ -932,12 +958,18 @@ def render_report(results: dict[str, Any], opt: Options) -> str:
     if results.get("plots"):
         w("Gain over the base in test accuracy points per method and domain (paired per seed, 95 % intervals):\n")
         w(f"![test accuracy gain over the base per method and domain]({plots}/methods_test.png)\n")
-    w("**Overall retained RL gain** (mean over " + ", ".join(s["scored_pairs"]) + "):\n")
-    w("| method | retained RL gain |\n|---|---|")
-    for name in sorted([n for n, r in rows.items() if r["kind"] == "merge"],
-                       key=lambda n: -rows[n]["retained_mean"]["mean"]):
-        w(f"| {name} | {_pm(rows[name]['retained_mean'], False, 2)} |")
+    w("**Retained RL gain by regime** (test; fusion = " + ", ".join(p for p in s["scored_pairs"]
+                                                              if p.startswith("fusion/"))
+      + "; enhancement = " + ", ".join(p for p in s["scored_pairs"] if p.startswith("enhance_"))
+      + "; overall = the mean of all of them, the validation selection score):\n")
+    w("| method | overall | fusion | enhancement |\n|---|---|---|---|")
+    merges = [n for n, r in rows.items() if r["kind"] == "merge"]
+    for name in sorted(merges, key=lambda n: -rows[n]["retained_mean"]["mean"]):
+        w(f"| {name} | {_pm(rows[name]['retained_mean'], False, 2)} | "
+          f"{_pm(regime_retained(rows[name], 'fusion'), False, 2)} | "
+          f"{_pm(regime_retained(rows[name], 'enhance_'), False, 2)} |")
     w("")
+    w(regime_sentence(rows) + "\n")
 
     w("## 3. SAR knob sweep (validation split only)\n")
     if sweep["trace"]:
@@ -1000,6 +1032,28 @@ def render_report(results: dict[str, Any], opt: Options) -> str:
     w(", ".join(f"{k} {v:.0f} s" for k, v in results["timings_s"].items())
       + f"; merges {results['merge_seconds']:.0f} s and their evaluation {results['eval_seconds']:.0f} s in total.\n")
     return "\n".join(out) + "\n"
+
+
+def regime_retained(row: dict[str, Any], prefix: str) -> dict[str, Any] | None:
+    """Per-seed mean of the retained gains of the scored pairs whose setting starts with `prefix`, with interval."""
+    cells = [v for k, v in row["retained"].items() if k.startswith(prefix)]
+    if not cells:
+        return None
+    return t_interval([sum(c["values"][i] for c in cells) / len(cells) for i in range(len(cells[0]["values"]))])
+
+
+def regime_sentence(rows: dict[str, Any]) -> str:
+    """The two regimes side by side for summing, averaging and the overlap-aware merges (numbers only)."""
+    parts = []
+    for name, what in (("task_arithmetic", "summing the task vectors (task arithmetic, λ = 1)"),
+                       ("linear", "averaging the weights (linear)"), ("ram", "RAM (keep unique, average overlap)"),
+                       ("sar", "SAR at its code defaults")):
+        if name in rows:
+            f, e = regime_retained(rows[name], "fusion"), regime_retained(rows[name], "enhance_")
+            if f is not None and e is not None:
+                parts.append(f"{what} keeps {f['mean']:.2f} of the RL gain in fusion and {e['mean']:.2f} in "
+                             "enhancement")
+    return ("By regime: " + "; ".join(parts) + ".") if parts else ""
 
 
 def _setting_retained(row: dict[str, Any], setting: str) -> float:
@@ -1157,6 +1211,8 @@ def parse_args(argv: Iterable[str] | None = None) -> Options:
     p.add_argument("--no-tune-baselines", dest="tune_baselines", action="store_false",
                    help="skip tuning the baselines' knobs on validation")
     p.add_argument("--fisher-examples", type=int, default=128)
+    p.add_argument("--rebuild", action="store_true",
+                   help="rebuild the families even when OUT holds ones built with the same configuration")
     p.add_argument("--family", type=json.loads, default={}, metavar="JSON",
                    help="TinyFamilyConfig overrides for the families, e.g. '{\"sft\": {\"steps\": 50}}' "
                         "(default: the zoo's defaults; families are cached by the zoo, keyed by code and config)")
@@ -1176,7 +1232,7 @@ def parse_args(argv: Iterable[str] | None = None) -> Options:
         p.error("--test-n and --val-n must be >= 1")
     return Options(out=a.out, seeds=a.seeds, test_n=a.test_n, val_n=a.val_n, methods=a.methods, sweep=a.sweep,
                    tune_baselines=a.tune_baselines, fisher_examples=a.fisher_examples, family=a.family,
-                   progress=a.progress, report=a.report if str(a.report) else None,
+                   rebuild=a.rebuild, progress=a.progress, report=a.report if str(a.report) else None,
                    plots_dir=a.plots_dir if str(a.plots_dir) else None, threads=a.threads, report_only=a.report_only)
 
 
