@@ -1,4 +1,4 @@
-"""`sarmerge merge` end to end on real tiny Qwen2 checkpoints: outputs, manifests, preflight errors, bad configs, kills."""
+"""`sarmerge merge` end to end on tiny Qwen2 checkpoints: outputs, manifests, preflight errors, bad configs, kills."""
 
 from __future__ import annotations
 
