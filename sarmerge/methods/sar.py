@@ -23,11 +23,13 @@ from sarmerge.methods.ram import supports, unique_boost
 
 
 class SarParams(Params):
+    # Defaults: SPEC §4.6's reconstruction except `rescale`, set to ram_plus by the validation sweep of
+    # bench/experiment.py (EXPERIMENTS.md §3: norm → ram_plus was the only knob that moved, +0.05 retained RL gain).
     epsilon: float = Field(1e-5, ge=0)
     sensitivity: Literal["fisher_delta2", "fisher", "delta2"] = "fisher_delta2"
     arbitration: Literal["hard", "fisher_avg", "hybrid"] = "hard"
     density: float = Field(1.0, gt=0, le=1)
-    rescale: Literal["norm", "dare", "ram_plus", "none"] = "norm"
+    rescale: Literal["norm", "dare", "ram_plus", "none"] = "ram_plus"
     r: float = Field(2.0, ge=1, description="RAM+ boost ceiling, used by rescale: ram_plus")
     lambda_: float = Field(1.0, alias="lambda")
 
