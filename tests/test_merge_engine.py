@@ -374,7 +374,6 @@ def test_row_chunked_streaming_gives_identical_output(method, fam, tmp_path):
     raw = cfg_for(method, fam, tmp_path)
     if method == "sar":  # exercise the support-layout Fisher's running offsets across chunks
         raw["parameters"] = {"rescale": "norm", "density": 1.0}  # the streamable SAR configuration
-        raw["parameters"] = {"rescale": "norm"}  # the default ram_plus boost needs whole-tensor counts
         for m in raw["models"]:
             m["fisher"] = str(
                 fisher_for(fam, Path(m["model"]).name, tmp_path.parent / f"sf-{Path(m['model']).name}", support=True)
