@@ -53,6 +53,7 @@ def make_variants(out: Path, n: int) -> tuple[Path, list[Path]]:
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", type=int, default=5, help="uploads per path (median over them; at least 3)")
+    p.add_argument("--parallelism", type=int, default=None, help="Airflow core.parallelism (default: the stack's)")
     p.add_argument("--poll", type=float, default=5.0, help="watcher poll interval, s (params.yaml default 5)")
     p.add_argument("--demo-json", type=Path, default=None)
     p.add_argument("--no-write", action="store_true")
@@ -79,7 +80,10 @@ def main() -> int:
     base_dir, variants = make_variants(tmp / "ckpt", 2 * args.runs)
     stack = Stack(tmp / "stack")
     t0 = time.monotonic()
-    state = stack.up(params=params, relay_models="latp-.*", extra_env={"SARMERGE_PIPELINE_ROOT": str(tmp / "root")})
+    load_start = os.getloadavg()[0]
+    up_kw = {"parallelism": args.parallelism} if args.parallelism else {}
+    state = stack.up(params=params, relay_models="latp-.*", extra_env={"SARMERGE_PIPELINE_ROOT": str(tmp / "root")},
+                     **up_kw)
     try:
         env = stack.env()
         os.environ.update({"MLFLOW_TRACKING_URI": env["MLFLOW_TRACKING_URI"], "SARMERGE_PARAMS": str(params)})
@@ -89,10 +93,11 @@ def main() -> int:
         order = [("latw-code", v) for v in variants[: args.runs]] + [("latp-code", v) for v in variants[args.runs:]]
         for name, path in order:
             ref, _ = register_checkpoint(path, name=name, domain="code", base=base.uri)
-            deadline = time.monotonic() + 180
-            while time.monotonic() < deadline:  # wait for its run to start, so runs never coalesce
-                if any((e["name"], e["version"]) == (name, ref.version) for r in dag_runs(api) for e in r["events"]
-                       if r.get("start_date")):
+            deadline = time.monotonic() + 300
+            while time.monotonic() < deadline:  # wait for its run to finish: each upload meets an idle stack
+                mine = [r for r in dag_runs(api) if any((e["name"], e["version"]) == (name, ref.version)
+                                                        for e in r["events"])]
+                if mine and all(r["state"] in ("success", "failed") for r in mine):
                     break
                 time.sleep(1)
             time.sleep(2)
@@ -109,8 +114,9 @@ def main() -> int:
         "Registration (model version creation time in MLflow) → start of the merge_on_upload DAG run it triggers, "
         "on the embedded stack (MLflow sqlite server, Airflow 3.3.2 standalone, LocalExecutor, parallelism "
         f"{state['parallelism']}). "
-        f"{args.runs} uploads per path, spaced so runs never coalesce; watcher poll interval {args.poll:g} s. "
-        f"Machine: {machine()}, load average {load:.1f} at the end (shared with other jobs). "
+        f"{args.runs} uploads per path, each after the previous run finished (an idle stack, no coalescing); "
+        f"watcher poll interval {args.poll:g} s. Load average {load_start:.1f} at the start. "
+        f"Machine: {machine()}, load average {load:.1f} at the end (shared with other engineers' jobs). "
         f"Stack start-up (db migrate, MLflow, Airflow, relay): {state['started_in_s']:.0f} s.",
         "",
         "| path | median s | min s | max s | SPEC §10 target | n |",

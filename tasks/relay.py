@@ -76,7 +76,7 @@ class AirflowClient:
     """Posts asset events to Airflow's REST API; token from AIRFLOW_API_TOKEN or user/password via /auth/token."""
 
     def __init__(self, base_url: str, *, token: str | None = None, user: str | None = None,
-                 password: str | None = None, timeout: float = 10.0) -> None:
+                 password: str | None = None, timeout: float = 30.0) -> None:
         self.base_url = base_url.rstrip("/")
         self._static_token, self._user, self._password = token, user, password
         self._token: str | None = token
@@ -103,7 +103,10 @@ class AirflowClient:
             return json.loads(resp.read())["access_token"]
 
     def request(self, method: str, path: str, payload: Any = None, timeout: float | None = None) -> Any:
-        for attempt in (1, 2):
+        """One API call; logs in again once on 401, and retries reads on 5xx (SQLite-backed Airflow under load)."""
+        relogged, attempt = False, 0
+        while True:
+            attempt += 1
             with self._lock:
                 if self._token is None:
                     self._token = self._login()
@@ -116,12 +119,20 @@ class AirflowClient:
                 with urllib.request.urlopen(req, timeout=timeout or self.timeout) as resp:
                     return json.loads(resp.read() or b"null")
             except urllib.error.HTTPError as e:
-                if e.code == 401 and attempt == 1 and not self._static_token:
+                if e.code == 401 and not relogged and not self._static_token:
+                    relogged = True
                     with self._lock:
                         self._token = None  # expired: log in again once
                     continue
+                if e.code >= 500 and method == "GET" and attempt < 4:
+                    time.sleep(attempt)
+                    continue
                 raise SarmergeError(f"Airflow API {method} {path}: HTTP {e.code} {e.read()[:300]!r}") from e
-        raise AssertionError("unreachable")
+            except (TimeoutError, urllib.error.URLError) as e:
+                if method == "GET" and attempt < 4:
+                    time.sleep(attempt)
+                    continue
+                raise SarmergeError(f"Airflow API {method} {path}: {e}") from e
 
     def asset_id(self, name: str) -> int:
         if name not in self._asset_ids:
