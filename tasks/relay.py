@@ -83,6 +83,7 @@ class AirflowClient:
         self._asset_ids: dict[str, int] = {}
         self.timeout = timeout
         self._lock = threading.Lock()
+        self._post_lock = threading.Lock()
 
     @classmethod
     def from_env(cls) -> AirflowClient:
@@ -102,8 +103,11 @@ class AirflowClient:
         with urllib.request.urlopen(req, timeout=self.timeout) as resp:
             return json.loads(resp.read())["access_token"]
 
-    def request(self, method: str, path: str, payload: Any = None, timeout: float | None = None) -> Any:
-        """One API call; logs in again once on 401, and retries reads on 5xx (SQLite-backed Airflow under load)."""
+    def request(self, method: str, path: str, payload: Any = None, timeout: float | None = None,
+                retry: bool | None = None) -> Any:
+        """One API call; logs in again once on 401, and retries on 5xx and timeouts (SQLite-backed Airflow under load)
+        when the call is safe to repeat: reads, or `retry=True` for writes whose repetition is harmless."""
+        retry = method == "GET" if retry is None else retry
         relogged, attempt = False, 0
         while True:
             attempt += 1
@@ -124,12 +128,12 @@ class AirflowClient:
                     with self._lock:
                         self._token = None  # expired: log in again once
                     continue
-                if e.code >= 500 and method == "GET" and attempt < 4:
+                if e.code >= 500 and retry and attempt < 4:
                     time.sleep(attempt)
                     continue
                 raise SarmergeError(f"Airflow API {method} {path}: HTTP {e.code} {e.read()[:300]!r}") from e
             except (TimeoutError, urllib.error.URLError) as e:
-                if method == "GET" and attempt < 4:
+                if retry and attempt < 4:
                     time.sleep(attempt)
                     continue
                 raise SarmergeError(f"Airflow API {method} {path}: {e}") from e
@@ -144,7 +148,11 @@ class AirflowClient:
         return self._asset_ids[name]
 
     def post_event(self, asset_name: str, extra: dict[str, Any]) -> Any:
-        return self.request("POST", "/api/v2/assets/events", {"asset_id": self.asset_id(asset_name), "extra": extra})
+        """One event at a time (concurrent POSTs deadlock SQLite-backed Airflow, see sarmerge_airflow/sqlite.py);
+        retried, since a repeated event is harmless: the ledger processes each version once."""
+        with self._post_lock:
+            return self.request("POST", "/api/v2/assets/events",
+                                {"asset_id": self.asset_id(asset_name), "extra": extra}, retry=True)
 
 
 class Relay:
