@@ -70,6 +70,8 @@ _DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}(\+[a-z0-9][a-z0-9_]{0,31})*$"
 _MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^/@#]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
 _BASE_TAG_RE = re.compile(r"^(?P<uri>models:/[^#]+)#sha256=(?P<sha>[0-9a-f]{64})$")
 # Files that define a checkpoint's content; README/merge_manifest carry timestamps and are left out of the digest.
+# = (*sarmerge.checkpoint.AUX_FILES, INDEX_FILE), spelled out because importing that module imports torch (3 s)
+# and steps that only hit a cache should start fast; tests/test_pipeline_registry.py keeps the two in step.
 _CONTENT_FILES = (
     "config.json",
     "generation_config.json",

@@ -8,8 +8,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,14 +15,10 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+from tasks.stack import free_port, stop_group
+
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -38,30 +32,6 @@ def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, lo
                 return
         time.sleep(0.3)
     raise TimeoutError(f"{url} did not answer within {timeout}s")
-
-
-def stop_group(proc: subprocess.Popen, grace: float = 10.0) -> None:
-    """SIGTERM the process group we started (by its PID), then SIGKILL whatever is left."""
-    if proc.poll() is None or _group_alive(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGTERM)
-        deadline = time.monotonic() + grace
-        while time.monotonic() < deadline and _group_alive(proc.pid):
-            time.sleep(0.2)
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(subprocess.TimeoutExpired):
-        proc.wait(timeout=5)
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-        return True
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
 
 
 class MlflowServer:
@@ -85,7 +55,9 @@ class MlflowServer:
         wait_http(f"{self.url}/health", 120, self.proc, self.log)
 
     def stop(self) -> None:
-        stop_group(self.proc, grace=5)
+        stop_group(self.proc.pid, grace=5)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=5)
 
 
 # -- a small RLVR-like family: sparse bf16 updates of one tiny base ------------------------------------------------
