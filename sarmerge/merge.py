@@ -16,6 +16,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import NamedTuple
 
 import torch
 from tqdm import tqdm
@@ -150,7 +151,10 @@ def _git_revision() -> str:
     return "unknown"
 
 
-Item = tuple[str, tuple[int, int] | None]  # a tensor name and a row range (None = the whole tensor)
+class Item(NamedTuple):
+    name: str
+    rows: tuple[int, int] | None  # a row range; None = the whole tensor
+    stats_pass: bool = False  # first pass of a two-pass method: sum statistics, write nothing
 
 
 class _Merger:
@@ -160,6 +164,7 @@ class _Merger:
         self.chunk_elements = chunk_elements
         self.params = {n: cfg.params_for(n) for n in inputs.names}
         self.fisher_offsets: list[int] = [0] * len(inputs.fishers)
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}  # two-pass methods: sums over the chunks seen so far
 
     def items(self, name: str) -> list[Item]:
         """Split a tensor into row chunks when the method allows it, so memory is bounded by the chunk."""
@@ -172,21 +177,24 @@ class _Merger:
             or len(info.shape) < (2 if mode == "row" else 1)
             or info.numel <= self.chunk_elements
         ):
-            return [(name, None)]
+            return [Item(name, None)]
         step = max(1, self.chunk_elements // max(1, info.numel // rows))
-        return [(name, (r, min(r + step, rows))) for r in range(0, rows, step)]
+        chunks = [(r, min(r + step, rows)) for r in range(0, rows, step)]
+        first = [Item(name, c, stats_pass=True) for c in chunks] if mode == "two_pass" else []
+        return first + [Item(name, c) for c in chunks]
 
     def load(self, item: Item) -> dict:
         """Read one item from every input (runs on the loader thread)."""
-        name, rows = item
+        name, rows, _ = item
         ins = self.inputs
         return {
             "base": ins.base.read(name, rows) if ins.base else None,
             "models": [m.read(name, rows) for m in ins.models],
         }
 
-    def merge(self, item: Item, raw: dict) -> torch.Tensor:
-        name, rows = item
+    def merge(self, item: Item, raw: dict) -> torch.Tensor | None:
+        """The merged tensor of one item; None for a statistics pass (its sums are kept for the second pass)."""
+        name, rows, stats_pass = item
         ref_info = self.inputs.reference.tensors[name]
         out_dtype = TORCH_DTYPES[self.cfg.out_dtype] if self.cfg.out_dtype else SAFETENSORS_DTYPES[ref_info.dtype]
         if ref_info.dtype not in FLOAT_CODES:
@@ -202,6 +210,16 @@ class _Merger:
             densities=[e.density for e in self.cfg.models],
             generator=torch.Generator().manual_seed(tensor_seed(self.cfg.seed, name)),
         )
+        if stats_pass:
+            raw.clear()
+            part = self.cfg.spec.stats(group, self.params[name])
+            seen = self.stats.get(name)
+            self.stats[name] = part if seen is None else {k: seen[k] + v for k, v in part.items()}
+            return None
+        if rows is not None and name in self.stats:
+            group.stats = self.stats[name]
+            if rows[1] == ref_info.shape[0]:
+                del self.stats[name]
         if any(self.inputs.fishers):
             group.fishers = self._fishers(name, rows, raw)
         raw.clear()  # the stored-dtype copies are no longer needed: free them before the method allocates
@@ -293,10 +311,12 @@ def run_merge(
                 next_load = loader.submit(merger.load, items[i + 1]) if i + 1 < len(items) else None
                 merged = merger.merge(item, raw)
                 del raw
+                if merged is None:
+                    continue
                 if pending is not None:
                     pending.result()
-                pending = writer_pool.submit(writer.write, item[0], merged)
-                bar.update(merged.numel() * ref.tensors[item[0]].nbytes // max(1, ref.tensors[item[0]].numel))
+                pending = writer_pool.submit(writer.write, item.name, merged)
+                bar.update(merged.numel() * ref.tensors[item.name].nbytes // max(1, ref.tensors[item.name].numel))
             if pending is not None:
                 pending.result()
             writer.close()

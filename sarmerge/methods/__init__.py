@@ -36,6 +36,9 @@ class TensorGroup:
     densities: list[float | None]
     fishers: list[torch.Tensor | None] = field(default_factory=list)
     generator: torch.Generator | None = None
+    # Whole-tensor statistics summed by the engine over a first pass of row chunks ("two_pass" methods); None when
+    # the method sees the whole tensor and computes them itself.
+    stats: dict[str, torch.Tensor] | None = None
 
     @cached_property
     def deltas(self) -> list[torch.Tensor]:
@@ -57,9 +60,12 @@ class TensorGroup:
 
 
 MethodFn = Callable[[TensorGroup, Any], torch.Tensor]
+StatsFn = Callable[[TensorGroup, Any], dict[str, torch.Tensor]]
 # How the engine may split a tensor for this method without changing its result: "element" (any row chunks),
-# "row" (row chunks; 1-D tensors whole) or "tensor" (whole tensors only: per-tensor top-k, norms, RNG streams).
-Chunking = Literal["element", "row", "tensor"]
+# "row" (row chunks; 1-D tensors whole), "two_pass" (element chunks, after a first pass over the same chunks that
+# sums the method's `stats` into whole-tensor statistics, e.g. support counts) or "tensor" (whole tensors only:
+# per-tensor top-k, norms, RNG streams).
+Chunking = Literal["element", "row", "two_pass", "tensor"]
 
 
 @dataclass(frozen=True)
@@ -73,9 +79,13 @@ class MergeMethod:
     max_models: int | None
     description: str
     chunking: Chunking | Callable[[Any], Chunking]
+    stats: StatsFn | None = None
 
     def chunking_for(self, params: Params) -> Chunking:
-        return self.chunking(params) if callable(self.chunking) else self.chunking
+        mode = self.chunking(params) if callable(self.chunking) else self.chunking
+        if mode == "two_pass" and self.stats is None:
+            raise RuntimeError(f"merge method {self.name!r} streams in two passes but registers no stats function")
+        return mode
 
 
 REGISTRY: dict[str, MergeMethod] = {}
@@ -90,10 +100,13 @@ def merge_method(
     min_models: int = 1,
     max_models: int | None = None,
     chunking: Chunking | Callable[[Any], Chunking] = "tensor",
+    stats: StatsFn | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register `fn(group, params) -> merged tensor` under `name`.
 
-    `chunking` declares how the engine may stream a tensor through the method (default: whole tensors).
+    `chunking` declares how the engine may stream a tensor through the method (default: whole tensors); a
+    "two_pass" method also gives `stats(group, params) -> {key: tensor}`, whose sums over a tensor's chunks reach
+    `fn` as `group.stats`.
     """
 
     def register(fn: MethodFn) -> MethodFn:
@@ -101,7 +114,7 @@ def merge_method(
             raise RuntimeError(f"merge method {name!r} registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
         REGISTRY[name] = MergeMethod(
-            name, fn, params, needs_base, fisher, min_models, max_models, doc[0] if doc else "", chunking
+            name, fn, params, needs_base, fisher, min_models, max_models, doc[0] if doc else "", chunking, stats
         )
         return fn
 

@@ -25,16 +25,19 @@ def supports(deltas: list[torch.Tensor], epsilon: float) -> tuple[list[torch.Ten
     return movers, count
 
 
-def unique_boost(movers: list[torch.Tensor], count: torch.Tensor, r: float) -> list[float]:
-    """RAM+ factor per model: 1 + (r − 1)·min(1, ρ_t), ρ_t = overlap_t / unique_t."""
-    boosts = []
+def support_stats(g: TensorGroup, p: RamParams) -> dict[str, torch.Tensor]:
+    """Per model t, how many entries it moved alone (unique_t) and together with others (overlap_t): [N, 2] int64.
+    Sums over row chunks give the whole tensor's counts (the `stats` of the two-pass streaming methods)."""
+    movers, count = supports([w * d for w, d in zip(g.weights, g.deltas, strict=True)], p.epsilon)
     unique_mask, overlap_mask = count == 1, count >= 2
-    for m in movers:
-        unique = int(torch.count_nonzero(m & unique_mask))
-        overlap = int(torch.count_nonzero(m & overlap_mask))
-        rho = overlap / unique if unique else 0.0
-        boosts.append(1.0 + (r - 1.0) * min(1.0, rho))
-    return boosts
+    counts = [[int(torch.count_nonzero(m & unique_mask)), int(torch.count_nonzero(m & overlap_mask))] for m in movers]
+    return {"support_counts": torch.tensor(counts, dtype=torch.int64)}
+
+
+def unique_boost(g: TensorGroup, p: RamPlusParams) -> list[float]:
+    """RAM+ factor per model: 1 + (r − 1)·min(1, ρ_t), ρ_t = overlap_t / unique_t, over the whole tensor."""
+    counts = (g.stats if g.stats is not None else support_stats(g, p))["support_counts"]
+    return [1.0 + (p.r - 1.0) * min(1.0, overlap / unique if unique else 0.0) for unique, overlap in counts.tolist()]
 
 
 def _ram(g: TensorGroup, p: RamParams, boosts: list[float] | None) -> torch.Tensor:
@@ -56,8 +59,7 @@ def ram(g: TensorGroup, p: RamParams) -> torch.Tensor:
     return _ram(g, p, None)
 
 
-@merge_method("ram_plus", params=RamPlusParams)
+@merge_method("ram_plus", params=RamPlusParams, chunking="two_pass", stats=support_stats)
 def ram_plus(g: TensorGroup, p: RamPlusParams) -> torch.Tensor:
     """RAM with unique updates of model t boosted by 1 + (r − 1)·min(1, overlap_t / unique_t)."""
-    movers, count = supports([w * d for w, d in zip(g.weights, g.deltas, strict=True)], p.epsilon)
-    return _ram(g, p, unique_boost(movers, count, p.r))
+    return _ram(g, p, unique_boost(g, p))

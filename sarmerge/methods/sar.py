@@ -19,7 +19,7 @@ from pydantic import Field
 
 from sarmerge.methods import Params, TensorGroup, merge_method
 from sarmerge.methods._ops import topk_mask
-from sarmerge.methods.ram import supports, unique_boost
+from sarmerge.methods.ram import support_stats, supports, unique_boost
 
 
 class SarParams(Params):
@@ -37,8 +37,11 @@ class SarParams(Params):
         return self.sensitivity != "delta2" or self.arbitration != "hard"
 
     def chunking(self) -> str:
-        # Without sparsification the norm rescale is the identity and every step is per entry.
-        return "element" if self.density >= 1.0 and self.rescale in ("norm", "none", "dare") else "tensor"
+        # Without sparsification every step is per entry: the norm and dare rescales are the identity, and RAM+'s
+        # boost needs only the tensor's support counts, summed by the engine in a first pass.
+        if self.density < 1.0:
+            return "tensor"
+        return "two_pass" if self.rescale == "ram_plus" else "element"
 
 
 def _sensitivity(p: SarParams, delta: torch.Tensor, fisher: torch.Tensor | None) -> torch.Tensor:
@@ -49,7 +52,7 @@ def _sensitivity(p: SarParams, delta: torch.Tensor, fisher: torch.Tensor | None)
     return fisher * delta * delta
 
 
-@merge_method("sar", params=SarParams, fisher="any", chunking=lambda p: p.chunking())
+@merge_method("sar", params=SarParams, fisher="any", chunking=lambda p: p.chunking(), stats=support_stats)
 def sar(g: TensorGroup, p: SarParams) -> torch.Tensor:
     """SAR-Merging: unique updates kept, overlaps arbitrated by Fisher sensitivity, sparsified and rescaled."""
     # Per-model running reductions throughout: reductions over a stacked model axis (argmax, sum) are pathologically
@@ -100,7 +103,7 @@ def sar(g: TensorGroup, p: SarParams) -> torch.Tensor:
     elif p.rescale == "dare" and p.density < 1.0:
         merged = merged / p.density
     elif p.rescale == "ram_plus":
-        for m, boost in zip(movers, unique_boost(movers, count, p.r), strict=True):
+        for m, boost in zip(movers, unique_boost(g, p), strict=True):
             merged = torch.where(m & unique, merged * boost, merged)
 
     drift = torch.zeros_like(merged)
