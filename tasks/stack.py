@@ -143,7 +143,9 @@ class Stack:
             mlflow_env = {**base_env,
                           "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": _fernet_key(self.dir / "mlflow" / "webhook.key"),
                           "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-                          "MLFLOW_WEBHOOK_CACHE_TTL": "2"}
+                          "MLFLOW_WEBHOOK_CACHE_TTL": "2",
+                          # MLflow's GenAI job runner (~10 huey consumer processes, ~240 MB each) is unused here
+                          "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
             (self.dir / "mlflow").mkdir(exist_ok=True)
             proc, log = self._spawn("mlflow", [str(BIN / "mlflow"), "server", "--backend-store-uri",
                                                f"sqlite:///{self.dir / 'mlflow' / 'mlflow.db'}",

@@ -44,7 +44,7 @@ class MlflowServer:
                # a Fernet key: 32 url-safe base64-encoded bytes
                "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": webhooks_key or base64.urlsafe_b64encode(b"s" * 32).decode(),
                "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-               "MLFLOW_WEBHOOK_CACHE_TTL": "1"}
+               "MLFLOW_WEBHOOK_CACHE_TTL": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
         root.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(
