@@ -154,7 +154,7 @@ def _git_revision() -> str:
 class Item(NamedTuple):
     name: str
     rows: tuple[int, int] | None  # a row range; None = the whole tensor
-    stats_pass: bool = False  # first pass of a two-pass method: sum statistics, write nothing
+    stats_pass: int | None = None  # index of a multi-pass method's statistics pass (sums, writes nothing); None = merge
 
 
 class _Merger:
@@ -164,7 +164,7 @@ class _Merger:
         self.chunk_elements = chunk_elements
         self.params = {n: cfg.params_for(n) for n in inputs.names}
         self.fisher_offsets: list[int] = [0] * len(inputs.fishers)
-        self.stats: dict[str, dict[str, torch.Tensor]] = {}  # two-pass methods: sums over the chunks seen so far
+        self.stats: dict[str, dict[str, torch.Tensor]] = {}  # multi-pass methods: sums over the chunks seen so far
 
     def items(self, name: str) -> list[Item]:
         """Split a tensor into row chunks when the method allows it, so memory is bounded by the chunk."""
@@ -176,12 +176,14 @@ class _Merger:
             or mode == "tensor"
             or len(info.shape) < (2 if mode == "row" else 1)
             or info.numel <= self.chunk_elements
+            # the streamed exact top-k (TIES) keys on fp32 bit patterns; fp64 compute takes whole tensors
+            or (mode == "multi_pass" and self.compute == torch.float64)
         ):
             return [Item(name, None)]
         step = max(1, self.chunk_elements // max(1, info.numel // rows))
         chunks = [(r, min(r + step, rows)) for r in range(0, rows, step)]
-        first = [Item(name, c, stats_pass=True) for c in chunks] if mode == "two_pass" else []
-        return first + [Item(name, c) for c in chunks]
+        passes = len(self.cfg.spec.stats) if mode == "multi_pass" else 0
+        return [Item(name, c, stats_pass=p) for p in range(passes) for c in chunks] + [Item(name, c) for c in chunks]
 
     def load(self, item: Item) -> dict:
         """Read one item from every input (runs on the loader thread)."""
@@ -210,11 +212,12 @@ class _Merger:
             densities=[e.density for e in self.cfg.models],
             generator=torch.Generator().manual_seed(tensor_seed(self.cfg.seed, name)),
         )
-        if stats_pass:
+        if stats_pass is not None:
             raw.clear()
-            part = self.cfg.spec.stats(group, self.params[name])
-            seen = self.stats.get(name)
-            self.stats[name] = part if seen is None else {k: seen[k] + v for k, v in part.items()}
+            seen = self.stats.setdefault(name, {})
+            group.stats = seen  # complete sums of the earlier passes
+            for k, v in self.cfg.spec.stats[stats_pass](group, self.params[name]).items():
+                seen[k] = seen[k] + v if k in seen else v
             return None
         if rows is not None and name in self.stats:
             group.stats = self.stats[name]

@@ -367,25 +367,26 @@ def test_sigkill_mid_merge_leaves_no_output_and_rerun_succeeds(tmp_path):
 
 @pytest.mark.parametrize(
     "method",
-    ["linear", "task_arithmetic", "ram", "ram_plus", "sar", "sar-norm", "fisher", "model_stock", "slerp"],
+    ["linear", "task_arithmetic", "ram", "ram_plus", "ties", "sar", "sar-norm", "fisher", "model_stock", "slerp"],
 )
 def test_row_chunked_streaming_gives_identical_output(method, fam, tmp_path):
-    """Element-, row-wise and two-pass methods stream tensors in row chunks; the bytes must not depend on the chunk
-    size (two-pass: per-tensor statistics summed over a first pass of chunks equal the whole tensor's)."""
+    """Element-, row-wise and multi-pass methods stream tensors in row chunks; the bytes must not depend on the chunk
+    size (multi-pass: per-tensor statistics summed over passes of chunks equal the whole tensor's — support counts
+    for RAM+/SAR, TIES's exact top-k with ties broken in flat order)."""
     from sarmerge.config import parse_config
     from sarmerge.merge import run_merge
 
     method, _, variant = method.partition("-")
     raw = cfg_for(method, fam, tmp_path)
     if method == "sar":  # exercise the support-layout Fisher's running offsets across chunks
-        # the defaults (RAM+ rescale: two passes) and the norm rescale (one pass)
+        # the defaults (RAM+ rescale: a statistics pass, then the merge) and the norm rescale (one pass)
         raw["parameters"] = {"rescale": "norm", "density": 1.0} if variant == "norm" else {}
         for m in raw["models"]:
             m["fisher"] = str(
                 fisher_for(fam, Path(m["model"]).name, tmp_path.parent / f"sf-{Path(m['model']).name}", support=True)
             )
     cfg = parse_config(raw)
-    assert cfg.spec.chunking_for(cfg.method_params()) in ("element", "row", "two_pass")
+    assert cfg.spec.chunking_for(cfg.method_params()) in ("element", "row", "multi_pass")
     run_merge(cfg, tmp_path / "whole", progress=False)
     run_merge(cfg, tmp_path / "chunked", progress=False, chunk_elements=150)  # a few rows per chunk
     assert sha256_file(tmp_path / "whole" / "model.safetensors") == sha256_file(

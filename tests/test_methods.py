@@ -321,3 +321,23 @@ def test_every_registered_method_runs_and_is_deterministic():
         out1, out2 = m.fn(g1, p), m.fn(g2, p)
         assert out1.shape == base.shape and torch.isfinite(out1).all(), name
         assert torch.equal(out1, out2), name
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("density", [0.0, 0.013, 0.2, 0.5, 0.999, 1.0])
+def test_streamed_topk_over_row_chunks_equals_the_whole_tensor_mask(dtype, density):
+    """Radix select over row chunks (two histogram passes, then the mask with ties in flat order) == topk_mask."""
+    from sarmerge.methods._ops import radix_high, radix_low, streamed_topk_mask
+
+    g = torch.Generator().manual_seed(3)
+    # few distinct magnitudes (bf16-like updates), zeros and both signs: many ties at every threshold
+    x = (torch.randint(-6, 7, (97, 31), generator=g).to(dtype) * 2.0**-9) * (torch.rand(97, 31, generator=g) < 0.7)
+    k = int(density * x.numel())
+    for rows in (1, 7, 40, 97):
+        chunks = list(torch.split(x, rows))
+        high = sum(radix_high(c) for c in chunks)
+        low = sum(radix_low(c, high, k) for c in chunks)
+        taken = torch.zeros(1, dtype=torch.int64)
+        mask = torch.cat([streamed_topk_mask(c, high, low, k, taken) for c in chunks])
+        assert torch.equal(mask, topk_mask(x, k)), (rows, density)
+        assert int(mask.sum()) == k

@@ -36,8 +36,9 @@ class TensorGroup:
     densities: list[float | None]
     fishers: list[torch.Tensor | None] = field(default_factory=list)
     generator: torch.Generator | None = None
-    # Whole-tensor statistics summed by the engine over a first pass of row chunks ("two_pass" methods); None when
-    # the method sees the whole tensor and computes them itself.
+    # Whole-tensor statistics summed by the engine over statistics passes of row chunks ("multi_pass" methods); None
+    # when the method sees the whole tensor and computes them itself. The same dict reaches every chunk of the merge
+    # pass, in row order, so a method may also keep running state in it (e.g. ties taken so far).
     stats: dict[str, torch.Tensor] | None = None
 
     @cached_property
@@ -62,10 +63,10 @@ class TensorGroup:
 MethodFn = Callable[[TensorGroup, Any], torch.Tensor]
 StatsFn = Callable[[TensorGroup, Any], dict[str, torch.Tensor]]
 # How the engine may split a tensor for this method without changing its result: "element" (any row chunks),
-# "row" (row chunks; 1-D tensors whole), "two_pass" (element chunks, after a first pass over the same chunks that
-# sums the method's `stats` into whole-tensor statistics, e.g. support counts) or "tensor" (whole tensors only:
-# per-tensor top-k, norms, RNG streams).
-Chunking = Literal["element", "row", "two_pass", "tensor"]
+# "row" (row chunks; 1-D tensors whole), "multi_pass" (element chunks, after one pass over the same chunks per
+# function in the method's `stats`, whose results are summed into whole-tensor statistics: support counts, the
+# histograms of an exact top-k) or "tensor" (whole tensors only: norms, RNG streams).
+Chunking = Literal["element", "row", "multi_pass", "tensor"]
 
 
 @dataclass(frozen=True)
@@ -79,12 +80,12 @@ class MergeMethod:
     max_models: int | None
     description: str
     chunking: Chunking | Callable[[Any], Chunking]
-    stats: StatsFn | None = None
+    stats: tuple[StatsFn, ...] = ()
 
     def chunking_for(self, params: Params) -> Chunking:
         mode = self.chunking(params) if callable(self.chunking) else self.chunking
-        if mode == "two_pass" and self.stats is None:
-            raise RuntimeError(f"merge method {self.name!r} streams in two passes but registers no stats function")
+        if mode == "multi_pass" and not self.stats:
+            raise RuntimeError(f"merge method {self.name!r} streams in several passes but registers no stats function")
         return mode
 
 
@@ -100,13 +101,13 @@ def merge_method(
     min_models: int = 1,
     max_models: int | None = None,
     chunking: Chunking | Callable[[Any], Chunking] = "tensor",
-    stats: StatsFn | None = None,
+    stats: StatsFn | tuple[StatsFn, ...] = (),
 ) -> Callable[[MethodFn], MethodFn]:
     """Register `fn(group, params) -> merged tensor` under `name`.
 
     `chunking` declares how the engine may stream a tensor through the method (default: whole tensors); a
-    "two_pass" method also gives `stats(group, params) -> {key: tensor}`, whose sums over a tensor's chunks reach
-    `fn` as `group.stats`.
+    "multi_pass" method also gives `stats`, one function `(group, params) -> {key: tensor}` per pass, each returning
+    its own keys. Their sums over a tensor's chunks reach later passes and `fn` as `group.stats`.
     """
 
     def register(fn: MethodFn) -> MethodFn:
@@ -114,7 +115,8 @@ def merge_method(
             raise RuntimeError(f"merge method {name!r} registered twice")
         doc = (fn.__doc__ or "").strip().splitlines()
         REGISTRY[name] = MergeMethod(
-            name, fn, params, needs_base, fisher, min_models, max_models, doc[0] if doc else "", chunking, stats
+            name, fn, params, needs_base, fisher, min_models, max_models, doc[0] if doc else "", chunking,
+            stats if isinstance(stats, tuple) else (stats,),
         )
         return fn
 

@@ -57,6 +57,60 @@ def kth_largest(values: torch.Tensor, k: int) -> torch.Tensor:
     return torch.kthvalue(values, n - k + 1).values
 
 
+# Streamed exact top-k (radix select over row chunks): the same mask as `topk_mask` without the whole tensor.
+# The int32 bit pattern of a non-negative float orders like its value, so the k-th largest |x| is found from a
+# histogram of the patterns' high 16 bits (pass 1), then of the low 16 bits inside the boundary bin (pass 2); the
+# merge pass keeps every entry above that threshold and the first `k − above` entries equal to it in flat order.
+RADIX = 1 << 16
+
+
+def magnitude_keys(x: torch.Tensor) -> torch.Tensor:
+    """|x| as int32 bit patterns, flat (exact for fp32, bf16 and fp16 inputs)."""
+    return x.abs().float().flatten().view(torch.int32)
+
+
+def radix_high(x: torch.Tensor) -> torch.Tensor:
+    return torch.bincount(magnitude_keys(x) >> 16, minlength=RADIX)
+
+
+def _boundary(hist: torch.Tensor, k: int) -> tuple[int, int]:
+    """The largest digit b with count(≥ b) ≥ k, and count(> b)."""
+    at_least = hist.flip(0).cumsum(0)  # at_least[j] = count of digits ≥ RADIX − 1 − j
+    j = int(torch.searchsorted(at_least, torch.tensor([k], dtype=at_least.dtype)))
+    return RADIX - 1 - j, int(at_least[j - 1]) if j > 0 else 0
+
+
+def radix_low(x: torch.Tensor, high: torch.Tensor, k: int) -> torch.Tensor:
+    """Pass 2: histogram of the low 16 bits of the entries in the boundary bin of the whole tensor's `high`."""
+    if not 0 < k < int(high.sum()):
+        return torch.zeros(RADIX, dtype=torch.int64)
+    digit, _ = _boundary(high, k)
+    keys = magnitude_keys(x)
+    return torch.bincount(keys[(keys >> 16) == digit] & 0xFFFF, minlength=RADIX)
+
+
+def streamed_topk_mask(x: torch.Tensor, high: torch.Tensor, low: torch.Tensor, k: int,
+                       taken: torch.Tensor) -> torch.Tensor:
+    """This chunk's part of `topk_mask(whole, k)`; `taken` (a one-element tensor, updated in place) counts the tied
+    entries kept in earlier chunks. Chunks must come in row order."""
+    n = int(high.sum())
+    if k >= n:
+        return torch.ones(x.shape, dtype=torch.bool, device=x.device)
+    if k <= 0:
+        return torch.zeros(x.shape, dtype=torch.bool, device=x.device)
+    digit, above_high = _boundary(high, k)
+    low_digit, above_low = _boundary(low, k - above_high)
+    threshold = (digit << 16) | low_digit
+    keys = magnitude_keys(x)
+    mask = keys > threshold
+    missing = k - above_high - above_low - int(taken)
+    if missing > 0:
+        tied = torch.nonzero(keys == threshold).flatten()[:missing]
+        mask[tied] = True
+        taken += tied.numel()
+    return mask.reshape(x.shape)
+
+
 def keep_top_fraction(x: torch.Tensor, density: float) -> torch.Tensor:
     """Zero, in place, all but the top-`density` fraction of |x| (k = int(density·n), as mergekit counts)."""
     if density >= 1.0:

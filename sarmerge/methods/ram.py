@@ -27,7 +27,7 @@ def supports(deltas: list[torch.Tensor], epsilon: float) -> tuple[list[torch.Ten
 
 def support_stats(g: TensorGroup, p: RamParams) -> dict[str, torch.Tensor]:
     """Per model t, how many entries it moved alone (unique_t) and together with others (overlap_t): [N, 2] int64.
-    Sums over row chunks give the whole tensor's counts (the `stats` of the two-pass streaming methods)."""
+    Sums over row chunks give the whole tensor's counts (a `stats` pass of the multi-pass streaming methods)."""
     movers, count = supports([w * d for w, d in zip(g.weights, g.deltas, strict=True)], p.epsilon)
     unique_mask, overlap_mask = count == 1, count >= 2
     counts = [[int(torch.count_nonzero(m & unique_mask)), int(torch.count_nonzero(m & overlap_mask))] for m in movers]
@@ -59,7 +59,7 @@ def ram(g: TensorGroup, p: RamParams) -> torch.Tensor:
     return _ram(g, p, None)
 
 
-@merge_method("ram_plus", params=RamPlusParams, chunking="two_pass", stats=support_stats)
+@merge_method("ram_plus", params=RamPlusParams, chunking="multi_pass", stats=support_stats)
 def ram_plus(g: TensorGroup, p: RamPlusParams) -> torch.Tensor:
     """RAM with unique updates of model t boosted by 1 + (r − 1)·min(1, overlap_t / unique_t)."""
     return _ram(g, p, unique_boost(g, p))

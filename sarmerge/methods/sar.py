@@ -38,10 +38,10 @@ class SarParams(Params):
 
     def chunking(self) -> str:
         # Without sparsification every step is per entry: the norm and dare rescales are the identity, and RAM+'s
-        # boost needs only the tensor's support counts, summed by the engine in a first pass.
+        # boost needs only the tensor's support counts, summed by the engine in a statistics pass.
         if self.density < 1.0:
             return "tensor"
-        return "two_pass" if self.rescale == "ram_plus" else "element"
+        return "multi_pass" if self.rescale == "ram_plus" else "element"
 
 
 def _sensitivity(p: SarParams, delta: torch.Tensor, fisher: torch.Tensor | None) -> torch.Tensor:

@@ -4,7 +4,7 @@ import torch
 from pydantic import Field
 
 from sarmerge.methods import Params, TensorGroup, merge_method
-from sarmerge.methods._ops import keep_top_fraction, sign_consensus_merge
+from sarmerge.methods._ops import keep_top_fraction, radix_high, radix_low, sign_consensus_merge, streamed_topk_mask
 
 
 class TiesParams(Params):
@@ -12,8 +12,32 @@ class TiesParams(Params):
     lambda_: float = Field(1.0, alias="lambda")
 
 
-@merge_method("ties", params=TiesParams)
+def _k(g: TensorGroup, p: TiesParams, i: int, numel: int) -> int:
+    density = g.density(i, p.density)
+    return numel if density >= 1.0 else int(density * numel)  # as keep_top_fraction counts
+
+
+def _high_bits(g: TensorGroup, p: TiesParams) -> dict[str, torch.Tensor]:
+    return {"ties_high": torch.stack([radix_high(d) for d in g.deltas])}
+
+
+def _low_bits(g: TensorGroup, p: TiesParams) -> dict[str, torch.Tensor]:
+    high = g.stats["ties_high"]
+    low = [radix_low(d, high[i], _k(g, p, i, int(high[i].sum()))) for i, d in enumerate(g.deltas)]
+    # `ties_taken` sums to zeros over the chunks; the merge pass counts the tied entries it keeps in it
+    return {"ties_low": torch.stack(low), "ties_taken": torch.zeros(len(low), dtype=torch.int64)}
+
+
+@merge_method("ties", params=TiesParams, chunking="multi_pass", stats=(_high_bits, _low_bits))
 def ties(g: TensorGroup, p: TiesParams) -> torch.Tensor:
     """Trim each τ_t to its top-density magnitudes, elect signs, disjoint mean; θ = θ₀ + λ·merged."""
-    trimmed = [keep_top_fraction(d, g.density(i, p.density)) for i, d in enumerate(g.deltas)]
+    if g.stats is None:  # the whole tensor
+        trimmed = [keep_top_fraction(d, g.density(i, p.density)) for i, d in enumerate(g.deltas)]
+    else:  # a row chunk: the whole tensor's exact top-k from the statistics passes
+        s = g.stats
+        trimmed = [
+            d.mul_(streamed_topk_mask(d, s["ties_high"][i], s["ties_low"][i],
+                                      _k(g, p, i, int(s["ties_high"][i].sum())), s["ties_taken"][i : i + 1]))
+            for i, d in enumerate(g.deltas)
+        ]
     return g.base + p.lambda_ * sign_consensus_merge(trimmed, g.weights)
