@@ -281,7 +281,8 @@ def render(r: dict) -> str:
         "In-process = the merge's own clock (`timings_s.total` of merge_manifest.json: preflight, merge, sha256 of "
         "every input, writing); the rest of the wall time is interpreter start-up and imports, "
         f"{r['startup_s']:.2f} s for `python -c 'import torch, sarmerge.merge'` in this run. SAR runs with its "
-        "defaults at density 1 (RAM+ rescale: two passes over each chunked tensor) and reads the three children's "
+        "defaults at density 1 (RAM+ rescale: a statistics pass over each chunked tensor, then the merge) and reads "
+        "the three children's "
         "support-layout Fisher stores too; its floor includes reading them. mergekit has no SAR."
     )
     if r["scaling"]:
@@ -290,7 +291,7 @@ def render(r: dict) -> str:
             "",
             f"Peak RSS when the model doubles ({s['model_mib_1x']:.0f} → {s['model_mib_2x']:.0f} MiB per model, "
             f"more layers of the same width): SAR (defaults, streamed in row chunks) {s['rss_1x']:.0f} → "
-            f"{s['rss_2x']:.0f} MiB (×{s['rss_growth']:.2f}); TIES (whole tensors: per-tensor top-k) "
+            f"{s['rss_2x']:.0f} MiB (×{s['rss_growth']:.2f}); TIES (streamed: radix-select top-k over row chunks) "
             f"{s['ties_rss_1x']:.0f} → {s['ties_rss_2x']:.0f} MiB. Flat = bounded by the largest tensors, "
             "not the model.",
         ]
