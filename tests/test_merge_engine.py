@@ -392,3 +392,13 @@ def test_row_chunked_streaming_gives_identical_output(method, fam, tmp_path):
     assert sha256_file(tmp_path / "whole" / "model.safetensors") == sha256_file(
         tmp_path / "chunked" / "model.safetensors"
     )
+
+
+def test_methods_command_lists_every_method_with_how_it_streams(capsys):
+    assert main(["methods"]) == 0
+    lines = {line.split()[0]: line for line in capsys.readouterr().out.splitlines() if not line.startswith(" ")}
+    assert set(lines) == set(all_methods())
+    assert lines["ties"].endswith("row chunks after 2 statistics passes]")
+    assert lines["sar"].endswith("row chunks after 1 statistics pass]")  # its defaults: density 1, RAM+ rescale
+    assert lines["task_arithmetic"].endswith("[needs base_model; row chunks]")
+    assert lines["dare_ties"].endswith("whole tensors]")
