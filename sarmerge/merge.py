@@ -195,7 +195,7 @@ class _Merger:
         }
 
     def merge(self, item: Item, raw: dict) -> torch.Tensor | None:
-        """The merged tensor of one item; None for a statistics pass (its sums are kept for the second pass)."""
+        """The merged tensor of one item; None for a statistics pass (its sums are kept for the later passes)."""
         name, rows, stats_pass = item
         ref_info = self.inputs.reference.tensors[name]
         out_dtype = TORCH_DTYPES[self.cfg.out_dtype] if self.cfg.out_dtype else SAFETENSORS_DTYPES[ref_info.dtype]

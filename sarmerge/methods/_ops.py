@@ -76,14 +76,14 @@ def radix_high(x: torch.Tensor) -> torch.Tensor:
 def _boundary(hist: torch.Tensor, k: int) -> tuple[int, int]:
     """The largest digit b with count(≥ b) ≥ k, and count(> b)."""
     at_least = hist.flip(0).cumsum(0)  # at_least[j] = count of digits ≥ RADIX − 1 − j
-    j = int(torch.searchsorted(at_least, torch.tensor([k], dtype=at_least.dtype)))
+    j = int(torch.searchsorted(at_least, torch.tensor([k], dtype=at_least.dtype, device=at_least.device)))
     return RADIX - 1 - j, int(at_least[j - 1]) if j > 0 else 0
 
 
 def radix_low(x: torch.Tensor, high: torch.Tensor, k: int) -> torch.Tensor:
     """Pass 2: histogram of the low 16 bits of the entries in the boundary bin of the whole tensor's `high`."""
     if not 0 < k < int(high.sum()):
-        return torch.zeros(RADIX, dtype=torch.int64)
+        return torch.zeros(RADIX, dtype=torch.int64, device=x.device)
     digit, _ = _boundary(high, k)
     keys = magnitude_keys(x)
     return torch.bincount(keys[(keys >> 16) == digit] & 0xFFFF, minlength=RADIX)
