@@ -402,3 +402,85 @@ def test_methods_command_lists_every_method_with_how_it_streams(capsys):
     assert lines["sar"].endswith("row chunks after 1 statistics pass]")  # its defaults: density 1, RAM+ rescale
     assert lines["task_arithmetic"].endswith("[needs base_model; row chunks]")
     assert lines["dare_ties"].endswith("whole tensors]")
+
+
+# ---------------------------------------------------------------------------------------------- byte digests ---
+# Pinned sha256 of tiny merges, so refactors of the engine, the checkpoint I/O and the layout helpers cannot change a
+# merged byte unnoticed. Inputs come from seeded CPU generators (stable across torch versions), not model init. The
+# pinned methods/densities avoid slerp and the top-k rounding edge (int(density·n) ≥ 1 on every tensor here).
+DIGEST_SHAPES = {"embed.weight": (12, 8), "layer.proj.weight": (16, 8), "layer.proj.bias": (16,), "norm.weight": (8,)}
+DIGEST_CASES = {
+    "linear": ({"method": "linear"}, False),
+    "task_arithmetic": ({"method": "task_arithmetic", "parameters": {"lambda": 0.7}, "out_dtype": "float32"}, False),
+    "ties": ({"method": "ties", "parameters": {"density": 0.3}}, False),  # below the 40 % update support
+    "ties_full": ({"method": "ties", "parameters": {"density": 1.0}}, False),
+    "sar": ({"method": "sar"}, True),
+    "ram_plus": ({"method": "ram_plus"}, False),
+}
+# Recorded from the engine at ab2df3c, before the consolidation of issue #16.
+_CONFIG_AS_INPUT = "c19810855fe324de5da22311ef27246ade35490fca3030484aaf8bafa5e532ea"
+DIGESTS = {
+    "linear": {
+        "model.safetensors": "85efb817139c5dc9ae6c3f54e0b0683af2b43f0f103058bf023d9e45d193d25b",
+        "config.json": _CONFIG_AS_INPUT,
+    },
+    "ram_plus": {
+        "model.safetensors": "93bbda9ba908788f25be06d2aeeb748602a0be12399ac8063483d772d7750b40",
+        "config.json": _CONFIG_AS_INPUT,
+    },
+    "sar": {
+        "model.safetensors": "41c50f58d6571d595c5444fdee75874c04e692fe84c928944ac002e084a26d6b",
+        "config.json": _CONFIG_AS_INPUT,
+    },
+    "task_arithmetic": {
+        "model.safetensors": "00b8ef5f4649e6c228fbb01ff8d0e1d34ed8456c564aa9b944a058231b481080",
+        "config.json": "3a1e90410ada477efc8e559c721345eb2131c479ac51ce48a88ad30065ee3190",  # out_dtype recorded
+    },
+    "ties": {
+        "model.safetensors": "3b104f08f8869fadaf08b5dd32ea07892db6d25bf5eb88d716dd6cc720e57feb",
+        "config.json": _CONFIG_AS_INPUT,
+    },
+    "ties_full": {
+        "model.safetensors": "b465b1774d35102a10047434214bb0bf809f1f17ec0a76791f09498b36aee6ac",
+        "config.json": _CONFIG_AS_INPUT,
+    },
+}
+
+
+def _digest_family(root: Path) -> Path:
+    if (root / "base").exists():
+        return root
+    g = torch.Generator().manual_seed(1234)
+    base = {n: torch.randn(s, generator=g).to(torch.bfloat16) for n, s in DIGEST_SHAPES.items()}
+    config = {"model_type": "qwen2", "architectures": ["Qwen2ForCausalLM"], "vocab_size": 12, "hidden_size": 8}
+    for name in ("base", "a", "b"):
+        tensors = base
+        if name != "base":
+            tensors = {
+                n: (t.float() + (torch.rand(t.shape, generator=g) < 0.4) * torch.randn(t.shape, generator=g) * 0.1)
+                .to(torch.bfloat16)
+                for n, t in base.items()
+            }
+        (root / name).mkdir(parents=True)
+        save_file(tensors, root / name / "model.safetensors", metadata={"format": "pt"})
+        (root / name / "config.json").write_text(json.dumps(config))
+        if name != "base":
+            gf = torch.Generator().manual_seed(len(name))
+            fisher = {n: torch.rand(s, generator=gf) + 0.01 for n, s in DIGEST_SHAPES.items()}
+            (root / f"fisher-{name}").mkdir()
+            save_fisher(root / f"fisher-{name}", fisher, {"mode": "test"})
+    return root
+
+
+@pytest.mark.parametrize("case", sorted(DIGEST_CASES))
+def test_merge_bytes_are_pinned(case, tmp_path_factory):
+    root = _digest_family(tmp_path_factory.getbasetemp() / "digest-family")
+    extra, with_fisher = DIGEST_CASES[case]
+    models = [{"model": str(root / m), **({"fisher": str(root / f"fisher-{m}")} if with_fisher else {})}
+              for m in ("a", "b")]
+    cfg = write_cfg(tmp_path_factory.mktemp("cfg") / "merge.yaml", base_model=str(root / "base"), models=models,
+                    seed=3, **extra)
+    out = tmp_path_factory.mktemp("out") / "merged"
+    assert main(["merge", str(cfg), str(out), "--no-progress"]) == 0
+    got = {f: sha256_file(out / f) for f in ("model.safetensors", "config.json")}
+    assert got == DIGESTS[case]
