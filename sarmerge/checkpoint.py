@@ -9,122 +9,40 @@ dtypes, then streams each tensor's bytes to disk as soon as it is computed.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import math
 import os
-import shutil
-import struct
 from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from sarmerge.errors import SarmergeError
-
-SAFETENSORS_DTYPES: dict[str, torch.dtype] = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
-FLOAT_CODES = {"F64", "F32", "F16", "BF16"}
-INDEX_FILE = "model.safetensors.index.json"
-SINGLE_FILE = "model.safetensors"
-# Files copied from the tokenizer source next to the merged weights.
-AUX_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
+from sarmerge.layout import (  # noqa: F401 - re-exported: the torch-side names of the layout
+    AUX_FILES,
+    CONFIG_FILE,
+    DTYPE_NAMES,
+    FLOAT_CODES,
+    INDEX_FILE,
+    SINGLE_FILE,
+    TensorInfo,
+    atomic_output_dir,
+    copy_aux_files,
+    element_size,
+    header_bytes,
+    parse_size,
+    read_header,
+    read_json_file,
+    sha256_file,
 )
-_MAX_HEADER = 100 * 1024 * 1024
+
+SAFETENSORS_DTYPES: dict[str, torch.dtype] = {code: getattr(torch, name) for code, name in DTYPE_NAMES.items()}
+DTYPE_CODES = {v: k for k, v in SAFETENSORS_DTYPES.items()}
 
 
-@dataclass(frozen=True)
-class TensorInfo:
-    """Where one tensor's bytes live: file and absolute byte range."""
-
-    name: str
-    dtype: str
-    shape: tuple[int, ...]
-    file: Path
-    start: int
-    end: int
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        return self.end - self.start
-
-
-def element_size(code: str) -> int:
-    return torch.empty((), dtype=SAFETENSORS_DTYPES[code]).element_size()
-
-
-def read_header(path: Path) -> tuple[dict[str, TensorInfo], dict[str, str]]:
-    """Parse and validate a safetensors header; every failure names the file (and the tensor)."""
-    try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
-            head = f.read(8)
-            if len(head) < 8:
-                raise SarmergeError(f"{path}: not a safetensors file (only {size} bytes)")
-            (n,) = struct.unpack("<Q", head)
-            if n > _MAX_HEADER or 8 + n > size:
-                raise SarmergeError(
-                    f"{path}: corrupt or truncated safetensors header (header length {n}, file {size} bytes)"
-                )
-            raw = f.read(n)
-    except OSError as e:
-        raise SarmergeError(f"{path}: cannot read: {e.strerror}") from e
-    try:
-        header = json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise SarmergeError(f"{path}: corrupt safetensors header (not JSON: {e})") from e
-    if not isinstance(header, dict):
-        raise SarmergeError(f"{path}: corrupt safetensors header (not a JSON object)")
-    metadata = header.pop("__metadata__", None) or {}
-    data_start = 8 + n
-    infos: dict[str, TensorInfo] = {}
-    for name, entry in header.items():
-        try:
-            code, shape, (lo, hi) = entry["dtype"], tuple(int(d) for d in entry["shape"]), entry["data_offsets"]
-        except (KeyError, TypeError, ValueError) as e:
-            raise SarmergeError(f"{path}: tensor {name!r} has a malformed header entry: {entry!r}") from e
-        if code not in SAFETENSORS_DTYPES:
-            raise SarmergeError(f"{path}: tensor {name!r} has unsupported dtype {code!r}")
-        expected = math.prod(shape) * element_size(code)
-        if hi - lo != expected or lo < 0:
-            raise SarmergeError(
-                f"{path}: tensor {name!r} byte range [{lo}, {hi}) does not match shape {list(shape)} {code}"
-            )
-        if data_start + hi > size:
-            raise SarmergeError(
-                f"{path}: truncated: tensor {name!r} ends at byte {data_start + hi} but the file has {size} bytes"
-            )
-        infos[name] = TensorInfo(name, code, shape, path, data_start + lo, data_start + hi)
-    return infos, metadata
+def torch_dtype(name: str) -> torch.dtype:
+    """A dtype name of `sarmerge.layout` (MERGE_DTYPES, MODEL_DTYPES) as a torch dtype."""
+    return getattr(torch, name)
 
 
 def _read_bytes(fd: int, start: int, nbytes: int, path: Path) -> bytearray:
@@ -153,16 +71,10 @@ class Checkpoint:
         self.files = self._weight_files(allow_pickle)
         if self._pickled is None:
             self._index_tensors()
-        self.config = self._read_json("config.json")
+        self.config = self._read_json(CONFIG_FILE)
 
     def _read_json(self, name: str) -> dict:
-        f = self.path / name if self.path.is_dir() else None
-        if f is None or not f.exists():
-            return {}
-        try:
-            return json.loads(f.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise SarmergeError(f"{f}: invalid JSON: {e}") from e
+        return read_json_file(self.path / name) if self.path.is_dir() else {}
 
     def _weight_files(self, allow_pickle: bool) -> list[Path]:
         p = self.path
@@ -281,26 +193,6 @@ def check_finite_tensor(t: torch.Tensor, what: str) -> None:
         raise SarmergeError(f"{what} contains {bad} NaN/Inf value(s)")
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _header_bytes(entries: list[tuple[str, tuple[int, ...], str]], metadata: dict[str, str]) -> tuple[bytes, int]:
-    header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, shape, code in entries:
-        n = math.prod(shape) * element_size(code)
-        header[name] = {"dtype": code, "shape": list(shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    raw = json.dumps(header, separators=(",", ":")).encode()
-    raw += b" " * (-len(raw) % 8)  # safetensors aligns the data section to 8 bytes
-    return struct.pack("<Q", len(raw)) + raw, offset
-
-
 class ShardedWriter:
     """Streams tensors, in a fixed planned order, into HF-style safetensors shards.
 
@@ -365,7 +257,7 @@ class ShardedWriter:
             self._file.close()
         self._current = shard
         self._file = open(self.out_dir / self.shard_names[shard], "wb")  # noqa: SIM115 - closed in _open/close
-        header, _ = _header_bytes(self._shards[shard], self.metadata)
+        header, _ = header_bytes(self._shards[shard], self.metadata)
         self._file.write(header)
 
     def close(self) -> None:
@@ -377,78 +269,3 @@ class ShardedWriter:
             weight_map = {name: self.shard_names[i] for i, s in enumerate(self._shards) for name, _, _ in s}
             index = {"metadata": {"total_size": self.total_size}, "weight_map": weight_map}
             (self.out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-
-
-def parse_size(text: str | int) -> int:
-    """'5GB', '500MB', '2GiB', 1000 → bytes."""
-    if isinstance(text, int):
-        return text
-    s = text.strip().upper().replace(" ", "")
-    units = {"KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
-    for unit, mult in units.items():
-        if s.endswith(unit):
-            try:
-                return int(float(s[: -len(unit)]) * mult)
-            except ValueError:
-                break
-    try:
-        return int(s)
-    except ValueError:
-        raise SarmergeError(f"invalid size {text!r} (use e.g. 500MB, 2GB, 1GiB)") from None
-
-
-@contextlib.contextmanager
-def atomic_output_dir(out: Path, *, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a scratch directory beside `out`; it becomes `out` only if the block completes.
-
-    A killed process leaves only a hidden `.NAME.partial-PID` sibling, which the next run removes.
-    """
-    out = Path(out)
-    if out.exists() and not overwrite:
-        raise SarmergeError(f"{out}: output already exists (pass --overwrite to replace it)")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):
-        pid = stale.name.rsplit("-", 1)[-1]
-        if not pid.isdigit() or not _pid_alive(int(pid)):
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
-    try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():
-        trash = out.parent / f".{out.name}.old-{os.getpid()}"
-        os.rename(out, trash)
-        os.rename(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.rename(tmp, out)
-
-
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return pid != os.getpid()
-
-
-def copy_aux_files(src: Path, dst: Path, *, out_dtype: str | None = None) -> list[str]:
-    """Copy config/tokenizer/chat-template/generation files; record the output dtype in config.json."""
-    copied = []
-    for name in AUX_FILES:
-        f = src / name
-        if f.is_file():
-            shutil.copy2(f, dst / name)
-            copied.append(name)
-    cfg = dst / "config.json"
-    if out_dtype and cfg.exists():
-        data = json.loads(cfg.read_text())
-        data["torch_dtype" if "torch_dtype" in data else "dtype"] = out_dtype
-        cfg.write_text(json.dumps(data, indent=2) + "\n")
-    return copied

@@ -22,29 +22,25 @@ import torch
 from tqdm import tqdm
 
 from sarmerge import __version__
-from sarmerge.checkpoint import (
-    DTYPE_CODES,
+from sarmerge.checkpoint import DTYPE_CODES, SAFETENSORS_DTYPES, Checkpoint, ShardedWriter, torch_dtype
+from sarmerge.config import MergeConfig, load_config
+from sarmerge.errors import SarmergeError
+from sarmerge.fisher_store import FisherStore
+from sarmerge.layout import (
+    CONFIG_FILE,
     FLOAT_CODES,
-    SAFETENSORS_DTYPES,
-    Checkpoint,
-    ShardedWriter,
+    MERGE_DTYPES,
+    MERGE_MANIFEST,
+    MODEL_CARD,
     atomic_output_dir,
     copy_aux_files,
     parse_size,
     sha256_file,
 )
-from sarmerge.config import MergeConfig, load_config
-from sarmerge.errors import SarmergeError
-from sarmerge.fisher_store import FisherStore
 from sarmerge.methods import TensorGroup
 
 log = logging.getLogger(__name__)
-TORCH_DTYPES = {
-    "float32": torch.float32,
-    "float64": torch.float64,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-}
+TORCH_DTYPES = {name: torch_dtype(name) for name in MERGE_DTYPES}
 
 
 @dataclass
@@ -86,6 +82,13 @@ def preflight(cfg: MergeConfig, *, allow_pickle: bool = False) -> Inputs:
     base = Checkpoint(cfg.base_model, allow_pickle=allow_pickle) if cfg.base_model else None
     models = [Checkpoint(e.model, allow_pickle=allow_pickle) for e in cfg.models]
     inputs = Inputs(base, models, [])
+    for ckpt in inputs.all():
+        if ckpt.path.is_dir() and not (ckpt.path / CONFIG_FILE).is_file():
+            inputs.close()
+            raise SarmergeError(
+                f"{ckpt.path}: not a model directory (no {CONFIG_FILE}): its architecture and vocabulary cannot be "
+                "checked against the other inputs"
+            )
     ref = inputs.reference
     for other in inputs.all():
         if other is ref:
@@ -109,7 +112,7 @@ def preflight(cfg: MergeConfig, *, allow_pickle: bool = False) -> Inputs:
         for key in ("model_type", "architectures", "vocab_size", "hidden_size", "num_hidden_layers"):
             va, vb = ref.config.get(key), other.config.get(key)
             if va is not None and vb is not None and va != vb:
-                raise SarmergeError(f"{other.path / 'config.json'}: {key} = {vb!r} but {ref.path} has {va!r}")
+                raise SarmergeError(f"{other.path / CONFIG_FILE}: {key} = {vb!r} but {ref.path} has {va!r}")
         va, vb = _tokenizer_vocab(ref), _tokenizer_vocab(other)
         if va is not None and vb is not None and va != vb:
             raise SarmergeError(f"{other.path / 'tokenizer.json'}: vocabulary has {vb} tokens but {ref.path} has {va}")
@@ -372,8 +375,8 @@ def run_merge(
                     "total": round(time.perf_counter() - t0, 3),
                 },
             }
-            (tmp / "merge_manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
-            (tmp / "README.md").write_text(model_card(manifest))
+            (tmp / MERGE_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+            (tmp / MODEL_CARD).write_text(model_card(manifest))
     finally:
         inputs.close()
     log.info("merged %d tensors with %s into %s in %.1fs", len(inputs.names), cfg.method, out, time.perf_counter() - t0)
@@ -413,7 +416,10 @@ Per-tensor overrides: {len(cfg["overrides"])}. Compute dtype `{cfg["dtype"]}`, o
 def add_command(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("merge", help="merge checkpoints as a YAML config says", description=__doc__)
     p.add_argument("config", type=Path, help="merge YAML (method, base_model, models, parameters, ...)")
-    p.add_argument("out", type=Path, help="output directory (created atomically)")
+    p.add_argument("out", type=Path, nargs="?", help="output directory (created atomically; not with --check)")
+    p.add_argument("--check", action="store_true",
+                   help="run the preflight alone (config, every input's tensors, shapes, dtypes, config.json, "
+                        "tokenizer vocabulary, Fisher stores) and merge nothing")
     p.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N (default cpu)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--out-shard-size", default="5GB", help="max bytes per output shard, e.g. 500MB (default 5GB)")
@@ -423,8 +429,32 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(func=_cli)
 
 
+def check(cfg: MergeConfig, *, allow_pickle: bool = False) -> str:
+    """The preflight alone: raises the merge's own SarmergeError, else returns a one-line summary."""
+    inputs = preflight(cfg, allow_pickle=allow_pickle)
+    try:
+        ref = inputs.reference
+        floats = [n for n in inputs.names if ref.tensors[n].dtype in FLOAT_CODES]
+        params = sum(ref.tensors[n].numel for n in floats)
+        fishers = sum(1 for f in inputs.fishers if f)
+        megabytes = sum(ref.tensors[n].nbytes for n in inputs.names) / 1e6
+        base = f"base {ref.path.name} + " if inputs.base else ""
+        return (f"ok: {cfg.method} of {base}{len(inputs.models)} model(s): {len(inputs.names)} tensors "
+                f"({len(floats)} merged, {params:,} parameters, {megabytes:.1f} MB per model), "
+                f"{fishers} Fisher store(s); nothing written")
+    finally:
+        inputs.close()
+
+
 def _cli(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
+    if args.check:
+        if args.out is not None:
+            raise SarmergeError(f"--check merges nothing; drop the output directory {str(args.out)!r}")
+        print(check(cfg, allow_pickle=args.allow_pickle))
+        return 0
+    if args.out is None:
+        raise SarmergeError("the output directory OUT is required (or pass --check to run the preflight alone)")
     m = run_merge(
         cfg,
         args.out,

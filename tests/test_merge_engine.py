@@ -246,6 +246,10 @@ BAD_INPUTS = {
         lambda d: (d / "model.safetensors").write_bytes((d / "model.safetensors").read_bytes()[:-100]),
         r"model.safetensors: truncated: tensor",
     ),
+    "no-config": (  # issue #11 item 9: architecture and vocabulary could not be checked
+        lambda d: (d / "config.json").unlink(),
+        r"/bad: not a model directory \(no config.json\)",
+    ),
     "pickle": (
         lambda d: ((d / "model.safetensors").unlink(), torch.save({"w": torch.zeros(1)}, d / "pytorch_model.bin")),
         r"--allow-pickle",
@@ -272,6 +276,27 @@ def test_bad_inputs_fail_clearly_and_write_nothing(case, fam, tmp_path, capsys):
 
     assert re.search(message, err), err
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
+@pytest.mark.parametrize("case", ["no-config", "shape", "vocab"])
+def test_check_runs_the_preflight_alone(case, fam, tmp_path, capsys):
+    models = [{"model": str(fam / "child1")}, {"model": str(fam / "child0")}]
+    cfg = write_cfg(tmp_path / "c.yaml", method="ties", base_model=str(fam / "base"), models=models)
+    assert main(["merge", "--check", str(cfg)]) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1 and out[0].startswith("ok: ties of base base + 2 model(s): ") and "nothing written" in out[0]
+    bad = _clone(fam, tmp_path)
+    BAD_INPUTS[case][0](bad)
+    models[1]["model"] = str(bad)
+    cfg = write_cfg(tmp_path / "c.yaml", method="ties", base_model=str(fam / "base"), models=models)
+    assert main(["merge", "--check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    import re
+
+    assert len(err.strip().splitlines()) == 1 and re.search(BAD_INPUTS[case][1], err), err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bad", "c.yaml"]  # nothing written
+    assert main(["merge", str(cfg)]) == 2
+    assert "output directory OUT is required" in capsys.readouterr().err
 
 
 BAD_CONFIGS = {
