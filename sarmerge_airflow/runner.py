@@ -12,10 +12,15 @@ own XCom key, so mapped tasks can `expand` over `task.output["<key>"]`.
 
 Paths passed to steps are absolute paths under the pipeline root; container runners must mount that root at the same
 path.
+
+GPU steps (`gpu=True`) go to the Celery queue params.yaml `pipeline.gpu_queue` (default `gpu`) as well as to the
+pool their DAG names: under CeleryExecutor only workers started with `-q default,<gpu_queue>` (GPU hosts) take them;
+LocalExecutor ignores queues.
 """
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -32,6 +37,15 @@ from airflow.sdk.exceptions import AirflowException
 from tasks.params import REPO_ROOT, Params
 
 RESULT_PREFIX = "SARMERGE_RESULT "  # = tasks.common.RESULT_PREFIX (not imported: that module pulls in sarmerge)
+_PR_SET_PDEATHSIG = 1
+
+
+def _die_with_parent() -> None:
+    """In the step's child, before exec: SIGKILL when the task process dies. The step runs in its own session (so
+    on_kill can stop its whole group), which would otherwise let it outlive a worker killed with SIGKILL and keep
+    writing after Airflow retried the task elsewhere."""
+    if sys.platform.startswith("linux"):
+        ctypes.CDLL(None, use_errno=True).prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
 
 
 class LocalStepOperator(BaseOperator):
@@ -59,7 +73,7 @@ class LocalStepOperator(BaseOperator):
         tail: deque[str] = deque(maxlen=40)
         result: Any = None
         self._proc = subprocess.Popen(cmd, cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                      text=True, bufsize=1, start_new_session=True)
+                                      text=True, bufsize=1, start_new_session=True, preexec_fn=_die_with_parent)
         assert self._proc.stdout is not None
         for line in self._proc.stdout:
             line = line.rstrip("\n")
@@ -126,11 +140,17 @@ class Runner:
         return {"retries": p.retries, "retry_delay": timedelta(seconds=p.retry_delay_s),
                 "execution_timeout": timedelta(seconds=p.step_timeout_s)}
 
+    def _route(self, gpu: bool, kwargs: dict[str, Any]) -> dict[str, Any]:
+        """GPU steps to the GPU queue (a DAG may still name another queue explicitly)."""
+        return {"queue": self.params.pipeline.gpu_queue, **kwargs} if gpu else kwargs
+
     def step(self, task_id: str, module: str, args: Sequence[Any] = (), *, gpu: bool = False,
              **kwargs: Any) -> BaseOperator:
         """One task running `python -m module *args` (args may hold Jinja templates and XComArgs)."""
+        kwargs = self._route(gpu, kwargs)
         return self._build(self.params, task_id=task_id, module=module, gpu=gpu, args=list(args), **kwargs)
 
     def mapped(self, task_id: str, module: str, args_list: Any, *, gpu: bool = False, **kwargs: Any) -> Any:
         """One mapped task instance per argument list in `args_list` (an XComArg of lists)."""
+        kwargs = self._route(gpu, kwargs)
         return self._build(self.params, task_id=task_id, module=module, gpu=gpu, mapped_args=args_list, **kwargs)

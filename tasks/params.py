@@ -34,6 +34,8 @@ class PipelineCfg(_Strict):
     step_timeout_s: int = Field(3600, gt=0)
     retries: int = Field(1, ge=0)
     retry_delay_s: float = Field(10.0, ge=0)
+    gpu_queue: str = Field("gpu", pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$",
+                           description="Celery queue of GPU steps (workers on GPU hosts listen on it)")
 
 
 class FamilyCfg(_Strict):
