@@ -68,6 +68,10 @@ class FamilyCfg(_Strict):
 
 class RelayCfg(_Strict):
     max_age_s: int = Field(300, gt=0, description="reject deliveries older (or further in the future) than this")
+    max_body_bytes: int = Field(1 << 20, gt=0, le=1 << 26, description="larger Content-Length: 413 before reading")
+    read_timeout_s: float = Field(10.0, gt=0, description="a connection must send headers and body within this")
+    max_connections: int = Field(64, ge=1, le=4096, description="connections handled at once; more get 503 at once")
+    backlog: int = Field(256, ge=1, description="listen backlog (connections waiting to be accepted)")
 
 
 class TriggerCfg(_Strict):
