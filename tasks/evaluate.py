@@ -41,7 +41,7 @@ def evaluate_dir(model_dir: Path, out: Path, cfg: EvaluateCfg, suites: list[str]
 
         evaluate(model_dir, settings["suites"], out=dest, limit=settings["limit"], seed=cfg.seed,
                  backend=cfg.backend, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                 device=cfg.device, progress=sys.stderr.isatty())
+                 device=cfg.device, progress=sys.stderr.isatty(), allow_unisolated=cfg.allow_unisolated)
 
     if params is None:
         compute(out)

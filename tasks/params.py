@@ -122,6 +122,8 @@ class EvaluateCfg(_Strict):
     batch_size: int = Field(16, ge=1)
     max_new_tokens: int | None = Field(None, ge=1)
     device: str | None = None
+    # run code / reasoning-gym suites even where the sandbox cannot isolate (no bwrap / user namespaces)
+    allow_unisolated: bool = False
 
 
 class AnalyzeCfg(_Strict):

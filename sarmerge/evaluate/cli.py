@@ -37,6 +37,10 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sandbox-timeout", type=float, default=15.0, help="wall seconds per code sample (default 15)")
     p.add_argument("--sandbox-cpu", type=int, default=10, help="CPU seconds per code sample (default 10)")
     p.add_argument("--sandbox-memory", default="1GiB", help="address space per code sample (default 1GiB)")
+    p.add_argument("--sandbox-scratch", default="64MiB", help="scratch tmpfs size per code sample (default 64MiB)")
+    p.add_argument("--allow-unisolated", action="store_true",
+                   help="run code/reasoning-gym suites even where the sandbox cannot isolate (rlimits only): "
+                        "model output can then reach the network, your files and your environment")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
     p.add_argument("--no-progress", action="store_true")
@@ -72,19 +76,22 @@ def _cli(args: argparse.Namespace) -> int:
         torch.set_num_threads(args.threads)
     data = parse_data_args(args.data, resolve_suites(args.suite))
     limits = SandboxLimits(cpu_seconds=args.sandbox_cpu, wall_seconds=args.sandbox_timeout,
-                           memory_bytes=parse_size(args.sandbox_memory))
+                           memory_bytes=parse_size(args.sandbox_memory),
+                           scratch_bytes=parse_size(args.sandbox_scratch))
     summary = evaluate(args.model, args.suite, out=args.out, limit=args.limit, n=args.n, temperature=args.temperature,
                        top_p=args.top_p, backend=args.backend, batch_size=args.batch_size,
                        max_new_tokens=args.max_new_tokens, seed=args.seed, data=data, device=args.device,
                        dtype=args.dtype, use_chat_template=not args.no_chat_template, sandbox_limits=limits,
-                       workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite)
+                       workers=args.workers, progress=not args.no_progress, overwrite=args.overwrite,
+                       allow_unisolated=args.allow_unisolated)
     print(f"{'suite':<24} {'problems':>8} {'pass@1':>7}  95% interval    tokens  seconds")
     for name, s in summary["suites"].items():
         lo, hi = s["ci95"]
         secs = s["seconds"]["generate"] + s["seconds"]["score"]
         print(f"{name:<24} {s['problems']:>8} {s['accuracy']:>7.3f}  [{lo:.3f}, {hi:.3f}]  {s['tokens_generated']:>8} "
               f"{secs:>8.1f}")
-    if summary["network_isolated"] is False:
-        print("warning: code ran without network isolation on this machine (see summary.json 'sandbox')")
+    if summary["sandbox"] is not None and not summary["sandbox"]["isolated"]:
+        print(f"warning: model output ran UNISOLATED (sandbox mode {summary['sandbox']['mode']}, allowed by "
+              "--allow-unisolated; see summary.json 'sandbox')")
     print(f"wrote {args.out}/samples.jsonl and {args.out}/summary.json")
     return 0

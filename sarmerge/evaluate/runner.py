@@ -85,11 +85,15 @@ def evaluate(
     workers: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
+    allow_unisolated: bool = False,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on benchmark suites; returns the summary (also written to OUT/summary.json).
 
     `suites`: names, groups (`math`, `code`) or families (`reasoning_gym:<task>`), comma-separated or a list.
     `n` samples per problem (temperature 0 = greedy); `data` maps suite names to the user's own data files.
+    Suites that run model output (code, reasoning-gym) refuse to start, before the model loads, when the sandbox
+    cannot isolate on this machine, unless `allow_unisolated=True`; the summary's `sandbox` records the mode and
+    every probed guarantee either way.
     """
     started = time.perf_counter()
     if limit is not None and limit < 1:
@@ -114,10 +118,6 @@ def evaluate(
         raise SarmergeError(f"{out_path}: output already exists (pass --overwrite to replace it)")
 
     loaded = {s.name: load_items(s, data=data_files.get(s.name), seed=seed, limit=limit) for s in chosen}
-    tokenizer = load_model_tokenizer(model_path)
-    builder = PromptBuilder(tokenizer, use_chat_template=use_chat_template)
-    engine = make_backend(backend_name, model_path, tokenizer, device=device, dtype=dtype, batch_size=batch_size,
-                          seed=seed)
     sandboxes: list[Sandbox] = []
 
     def sandbox() -> Sandbox:
@@ -125,6 +125,13 @@ def evaluate(
             sandboxes.append(Sandbox(sandbox_limits))
         return sandboxes[0]
 
+    sandboxed = [s.name for s in chosen if s.sandboxed]
+    if sandboxed:  # refuse before the (slow) model load, not after generation
+        sandbox().require_isolation(allow_unisolated, what=f"suites {', '.join(sandboxed)}")
+    tokenizer = load_model_tokenizer(model_path)
+    builder = PromptBuilder(tokenizer, use_chat_template=use_chat_template)
+    engine = make_backend(backend_name, model_path, tokenizer, device=device, dtype=dtype, batch_size=batch_size,
+                          seed=seed)
     summary: dict[str, Any] = {
         "sarmerge_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -145,12 +152,14 @@ def evaluate(
                     suite, loaded[suite.name], engine, builder, sandbox, samples_fh,
                     SamplingSettings(n=n, temperature=temperature, top_p=top_p,
                                      max_new_tokens=max_new_tokens or suite.max_new_tokens, seed=seed),
-                    data_file=data_files.get(suite.name), workers=workers, progress=progress)
+                    data_file=data_files.get(suite.name), workers=workers, progress=progress,
+                    allow_unisolated=allow_unisolated)
         finally:
             if samples_fh is not None:
                 samples_fh.close()
         iso = sandboxes[0].isolation.as_dict() if sandboxes else None
-        summary["sandbox"] = None if iso is None else {**iso, "limits": sandboxes[0].limits.__dict__}
+        summary["sandbox"] = None if iso is None else {**iso, "limits": sandboxes[0].limits.__dict__,
+                                                       "allow_unisolated": allow_unisolated}
         summary["network_isolated"] = None if iso is None else iso["network_isolated"]
         summary["overall"] = {
             "samples": sum(s["samples"] for s in summary["suites"].values()),
@@ -164,7 +173,7 @@ def evaluate(
 
 def _run_suite(suite: Suite, items: list[Item], engine: Any, builder: PromptBuilder, sandbox: Any,
                samples_fh: Any, settings: SamplingSettings, *, data_file: Path | None, workers: int | None,
-               progress: bool) -> dict[str, Any]:
+               progress: bool, allow_unisolated: bool = False) -> dict[str, Any]:
     rendered = [builder.render(it.prompt, it.completion_prompt) for it in items]
     t0 = time.perf_counter()
     with tqdm(total=len(items), desc=f"{suite.name} generate", unit="prompt", disable=not progress) as bar:
@@ -174,7 +183,8 @@ def _run_suite(suite: Suite, items: list[Item], engine: Any, builder: PromptBuil
     flat_texts = [g.text for gens in generations for g in gens]
     t1 = time.perf_counter()
     with tqdm(total=len(flat_texts), desc=f"{suite.name} score", unit="sample", disable=not progress) as bar:
-        ctx = ScoreContext(sandbox_factory=sandbox, workers=workers, on_done=bar.update)
+        ctx = ScoreContext(sandbox_factory=sandbox, workers=workers, on_done=bar.update,
+                           allow_unisolated=allow_unisolated)
         verdicts = suite.score(flat_items, flat_texts, ctx)
     score_seconds = time.perf_counter() - t1
     if len(verdicts) != len(flat_texts):
