@@ -407,3 +407,41 @@ def test_shipped_calibration_sets_parse_and_regenerate_byte_for_byte(tmp_path):
                    check=True, capture_output=True)
     for name in ("calib_math.jsonl", "calib_code.jsonl"):
         assert (tmp_path / name).read_bytes() == (ROOT / "sarmerge" / "data" / name).read_bytes()
+
+
+def test_fisher_evaluation_and_token_analysis_end_a_response_at_the_same_tokens(tmp_path):
+    """A chat model's end-of-turn id lives in generation_config.json, apart from the tokenizer's EOS: Fisher, the
+    evaluation backend and token analysis must all stop there (issue #16: they used to read three different rules)."""
+    from sarmerge.analysis.tokens import analyze_tokens
+    from sarmerge.evaluate.backends import HFBackend, PromptBuilder, SamplingSettings
+
+    model, tok = tiny_model(3)
+    ckpt_dir = save_checkpoint(model, tok, tmp_path / "chat")
+    prompt = "12+7"
+    ids = F.encode_prompt(tok, prompt)
+    with torch.no_grad():  # the greedy first two tokens; the second becomes the end-of-turn token
+        first = int(model(input_ids=torch.tensor([ids])).logits[0, -1].argmax())
+        end_of_turn = int(model(input_ids=torch.tensor([[*ids, first]])).logits[0, -1].argmax())
+    assert len({first, end_of_turn, tok.eos_token_id}) == 3
+    (ckpt_dir / "generation_config.json").write_text(json.dumps({"eos_token_id": [end_of_turn, tok.eos_token_id]}))
+    tok = load_tokenizer(ckpt_dir)
+    want = [end_of_turn, tok.eos_token_id]
+
+    # Fisher: the stop set of sampled responses, and the id that ends empirical references
+    assert F.stop_tokens(Checkpoint(ckpt_dir), tok) == want
+    (example,) = F.build_examples([F.CalibrationRecord(1, prompt, "19")], tok, mode="empirical", n_examples=None,
+                                  context=None, max_new_tokens=4, eos_id=want[0], source="calib")
+    assert example.response_ids[-1] == end_of_turn
+
+    # evaluation: greedy generation ends at the end-of-turn token, after two tokens
+    backend = HFBackend(ckpt_dir, tok, device="cpu", dtype="float32", batch_size=1)
+    assert backend.eos_ids == set(want)
+    (gens,) = backend.generate([PromptBuilder(tok).render(prompt)], SamplingSettings(max_new_tokens=5))
+    assert (gens[0].finish, gens[0].tokens) == ("eos", 2)
+
+    # token analysis (which forces one token before any stop): the same two tokens, finished
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(prompt + "\n")
+    summary, records = analyze_tokens(ckpt_dir, ckpt_dir, prompts, max_new_tokens=5, progress=False)
+    assert summary["settings"]["stop_token_ids"] == want
+    assert records[0]["token_ids"] == [first, end_of_turn] and records[0]["finished"]

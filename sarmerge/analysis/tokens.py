@@ -16,6 +16,8 @@ Position: relative position r = t / L within a response of L tokens (0 ≤ r < 1
 Prompt file: `.jsonl` / `.ndjson` → one JSON object per non-blank line with a string field "prompt" (other fields are
 ignored); any other suffix → plain text, one prompt per non-blank line. The tokenizer's chat template, when it has one,
 wraps each prompt as a single user turn with the generation prompt appended (`chat_template=False` to feed raw text).
+A response ends at any id of `sarmerge.hf.end_of_response_ids` (generation_config.json's end-of-turn ids, then the
+tokenizer's EOS, then config.json's): the rule Fisher estimation and evaluation use too.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ from tqdm import tqdm
 
 from sarmerge import __version__
 from sarmerge.errors import SarmergeError
+from sarmerge.hf import checkpoint_tokenizer, encode_prompt, end_of_response_ids, load_causal_lm
 
 log = logging.getLogger(__name__)
 
@@ -90,29 +93,11 @@ def read_prompts(path: str | Path) -> list[str]:
 
 
 def _encode(tok: Any, prompt: str, chat_template: bool) -> list[int]:
-    if chat_template and getattr(tok, "chat_template", None):
-        text = tok.apply_chat_template(
-            [{"role": "user", "content": prompt}], tokenize=False, add_generation_prompt=True
-        )
-        return tok(text, add_special_tokens=False)["input_ids"]
-    return tok(prompt)["input_ids"]
+    return encode_prompt(tok, prompt, chat_template=chat_template)
 
 
 def _load_model(path: str | Path, device: torch.device, *, progress: bool) -> torch.nn.Module:
-    from transformers import AutoModelForCausalLM
-    from transformers.utils import logging as hf_logging
-
-    bars = hf_logging.is_progress_bar_enabled()
-    if not progress:
-        hf_logging.disable_progress_bar()
-    try:
-        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise SarmergeError(f"{path}: cannot load as a causal LM: {e}") from e
-    finally:
-        if bars:
-            hf_logging.enable_progress_bar()
-    return model.to(device).eval()
+    return load_causal_lm(path, dtype=torch.float32, device=device, progress=progress)
 
 
 def _bucket(r: float) -> str:
@@ -160,6 +145,7 @@ def _generate(
     temperature: float,
     top_p: float,
     device: torch.device,
+    stops: list[int],
 ) -> list[list[int]]:
     pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
     width = max(len(p) for p in batch)
@@ -175,13 +161,14 @@ def _generate(
             max_new_tokens=max_new_tokens,
             min_new_tokens=1,
             pad_token_id=pad,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=stops or None,
             **kwargs,
         )
     responses = []
     for row in out[:, width:].tolist():
-        if tok.eos_token_id is not None and tok.eos_token_id in row:
-            row = row[: row.index(tok.eos_token_id) + 1]  # keep the EOS decision, drop the padding after it
+        end = next((i for i, t in enumerate(row) if t in stops), None)
+        if end is not None:
+            row = row[: end + 1]  # keep the end-of-response decision, drop the padding after it
         responses.append(row)
     return responses
 
@@ -208,7 +195,6 @@ def analyze_tokens(
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Compute the token report: (summary dict, per-response records with per-position arrays)."""
     from sarmerge.analysis.geometry import open_family
-    from sarmerge.zoo.tiny import load_tokenizer
 
     for flag, value, ok in (
         ("--max-new-tokens", max_new_tokens, max_new_tokens >= 1),
@@ -231,10 +217,8 @@ def analyze_tokens(
     base_ckpt, (rl_ckpt,) = open_family(base, [model], allow_pickle=allow_pickle)
     base_ckpt.close()
     rl_ckpt.close()
-    try:
-        tok = load_tokenizer(model)
-    except (OSError, ValueError) as e:
-        raise SarmergeError(f"{model}: cannot load its tokenizer: {e}") from e
+    tok = checkpoint_tokenizer(model)
+    stops = end_of_response_ids(model, tok)
     dev = torch.device(device)
     rl_model, base_model = _load_model(model, dev, progress=progress), _load_model(base, dev, progress=progress)
     encoded = []
@@ -258,6 +242,7 @@ def analyze_tokens(
             temperature=temperature,
             top_p=top_p,
             device=dev,
+            stops=stops,
         )
         for j, (p_ids, r_ids) in enumerate(zip(batch, responses, strict=True)):
             scores = score_response(base_model, rl_model, p_ids, r_ids, top_k=top_k, device=dev)
@@ -268,7 +253,7 @@ def analyze_tokens(
                     "response": tok.decode(r_ids, skip_special_tokens=True),
                     "tokens": [tok.decode([t]) for t in r_ids],
                     "token_ids": r_ids,
-                    "finished": tok.eos_token_id is not None and r_ids[-1] == tok.eos_token_id,
+                    "finished": r_ids[-1] in stops,
                     **scores,
                 }
             )
@@ -290,6 +275,7 @@ def analyze_tokens(
             "near_zero": near_zero,
             "top_k": top_k,
             "chat_template": chat_template,
+            "stop_token_ids": stops,
             "batch_size": batch_size,
             "device": device,
             "js_unit": "bits",

@@ -1,14 +1,14 @@
 """Generation backends behind one interface: `hf` (transformers) and `vllm` (optional extra).
 
 Both get the same token ids: `PromptBuilder` renders each prompt once (the tokenizer's chat template when it has one,
-else the bare completion prompt) and tokenizes it with the checkpoint's own tokenizer (`sarmerge.zoo.tiny.
-load_tokenizer`, which keeps char-level tokenizers intact). Completions are decoded by that same tokenizer.
+else the bare completion prompt) and tokenizes it with the checkpoint's own tokenizer (`sarmerge.hf`, which keeps
+char-level tokenizers intact). Completions are decoded by that same tokenizer, and end at the ids of
+`sarmerge.hf.end_of_response_ids`, the rule Fisher estimation and token analysis use too.
 """
 
 from __future__ import annotations
 
 import importlib.util
-import json
 import logging
 import time
 from abc import ABC, abstractmethod
@@ -19,11 +19,14 @@ from typing import Any
 
 import torch
 
+from sarmerge.checkpoint import torch_dtype
 from sarmerge.errors import SarmergeError
+from sarmerge.hf import checkpoint_tokenizer, end_of_response_ids, load_causal_lm, render_prompt
+from sarmerge.layout import CONFIG_FILE, MODEL_DTYPES, read_json_file
 
 log = logging.getLogger(__name__)
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DTYPES = {name: torch_dtype(name) for name in MODEL_DTYPES}
 BACKENDS = ("auto", "hf", "vllm")
 
 
@@ -58,13 +61,10 @@ def check_model_dir(model_dir: str | Path) -> Path:
     path = Path(model_dir)
     if not path.is_dir():
         raise SarmergeError(f"{path}: model directory not found")
-    config = path / "config.json"
+    config = path / CONFIG_FILE
     if not config.is_file():
-        raise SarmergeError(f"{path}: not a model directory (no config.json)")
-    try:
-        json.loads(config.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise SarmergeError(f"{config}: invalid JSON: {e}") from e
+        raise SarmergeError(f"{path}: not a model directory (no {CONFIG_FILE})")
+    read_json_file(config)  # one clear error for broken JSON
     if not any((path / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model")):
         raise SarmergeError(f"{path}: no tokenizer files (tokenizer.json / tokenizer_config.json)")
     if not any(path.glob("*.safetensors")):
@@ -73,12 +73,7 @@ def check_model_dir(model_dir: str | Path) -> Path:
 
 
 def load_model_tokenizer(model_dir: Path) -> Any:
-    from sarmerge.zoo.tiny import load_tokenizer
-
-    try:
-        return load_tokenizer(model_dir)
-    except Exception as e:
-        raise SarmergeError(f"{model_dir}: cannot load the tokenizer: {e}") from e
+    return checkpoint_tokenizer(model_dir)
 
 
 class PromptBuilder:
@@ -89,15 +84,8 @@ class PromptBuilder:
         self.chat = bool(use_chat_template and getattr(tokenizer, "chat_template", None))
 
     def render(self, prompt: str, completion_prompt: str | None = None) -> RenderedPrompt:
-        if self.chat:
-            text = self.tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                                      add_generation_prompt=True)
-            # the template already holds every special token the model expects
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            text = completion_prompt if completion_prompt is not None else prompt
-            ids = self.tokenizer(text)["input_ids"]
-        return RenderedPrompt(text, list(ids))
+        text, ids = render_prompt(self.tokenizer, prompt, chat_template=self.chat, completion_prompt=completion_prompt)
+        return RenderedPrompt(text, ids)
 
 
 class Backend(ABC):
@@ -139,16 +127,6 @@ def make_backend(name: str, model_dir: Path, tokenizer: Any, *, device: str | No
     return HFBackend(model_dir, tokenizer, device=device, dtype=dtype, batch_size=batch_size)
 
 
-def _eos_ids(config: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    for source in (getattr(config, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(source, int):
-            ids.add(source)
-        elif isinstance(source, list | tuple):
-            ids.update(int(i) for i in source)
-    return ids
-
-
 class HFBackend(Backend):
     """transformers generation: prompts sorted by length, batched with left padding, KV cache, seeded sampling."""
 
@@ -157,8 +135,6 @@ class HFBackend(Backend):
     def __init__(self, model_dir: Path, tokenizer: Any, *, device: str | None = None, dtype: str = "auto",
                  batch_size: int = 16) -> None:
         super().__init__(tokenizer)
-        from transformers import AutoModelForCausalLM
-
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         if dtype == "auto":
             dtype = "bfloat16" if self.device.type == "cuda" else "float32"
@@ -168,11 +144,8 @@ class HFBackend(Backend):
         if batch_size < 1:
             raise SarmergeError(f"batch size must be >= 1, got {batch_size}")
         self.batch_size = batch_size
-        try:
-            self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=DTYPES[dtype]).to(self.device).eval()
-        except Exception as e:
-            raise SarmergeError(f"{model_dir}: cannot load the model: {e}") from e
-        self.eos_ids = _eos_ids(self.model.generation_config, tokenizer) | _eos_ids(self.model.config, tokenizer)
+        self.model = load_causal_lm(model_dir, dtype=DTYPES[dtype], device=self.device)
+        self.eos_ids = set(end_of_response_ids(model_dir, tokenizer))
         self.pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self.eos_ids, default=0)
 
     def info(self) -> dict:
@@ -235,9 +208,7 @@ class VLLMBackend(Backend):
                                 dtype="auto" if dtype == "auto" else dtype)
         except Exception as e:
             raise SarmergeError(f"{model_dir}: vLLM cannot load the model: {e}") from e
-        from transformers import AutoConfig
-
-        self.eos_ids = _eos_ids(AutoConfig.from_pretrained(model_dir), tokenizer)
+        self.eos_ids = set(end_of_response_ids(model_dir, tokenizer))
 
     def info(self) -> dict:
         return {"backend": self.name, "dtype": self.dtype, "vllm_version": getattr(self._vllm, "__version__", "?")}

@@ -1,8 +1,6 @@
 """A tiny Qwen2-style causal LM with a character-level tokenizer, saved in Hugging Face layout.
 
-transformers 5 picks the tokenizer class from the model type, and `AutoTokenizer` would reload a character-level
-`tokenizer.json` beside a Qwen2 config as `Qwen2Tokenizer`, which drops whitespace (SPEC §12). `load_tokenizer`
-therefore always uses `PreTrainedTokenizerFast` directly.
+Its tokenizer is marked `sarmerge_char_level`, so `sarmerge.hf.load_tokenizer` (re-exported here) keeps whitespace.
 """
 
 from __future__ import annotations
@@ -14,6 +12,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+from sarmerge.hf import CHAR_LEVEL_KEY, load_tokenizer  # noqa: F401 - re-exported (the general loader lives in hf)
 
 SPECIAL = ["<pad>", "<bos>", "<eos>"]
 ALPHABET = string.digits + string.ascii_letters + string.punctuation + " \n"
@@ -31,23 +31,6 @@ def char_tokenizer(alphabet: str = ALPHABET) -> PreTrainedTokenizerFast:
     fast.padding_side = "left"
     fast.chat_template = CHAT_TEMPLATE
     return fast
-
-
-def load_tokenizer(path: str | Path) -> PreTrainedTokenizerFast:
-    """Load a checkpoint's tokenizer; a char-level one must not go through AutoTokenizer (see module doc)."""
-    path = Path(path)
-    cfg = json.loads((path / "tokenizer_config.json").read_text()) if (path / "tokenizer_config.json").exists() else {}
-    if cfg.get("sarmerge_char_level"):
-        tok = PreTrainedTokenizerFast.from_pretrained(path)
-        tok.padding_side = "left"
-        return tok
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(path)
-    tok.padding_side = "left"
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    return tok
 
 
 def tiny_config(
@@ -97,6 +80,6 @@ def save_checkpoint(
     tok.save_pretrained(out)
     cfg_file = out / "tokenizer_config.json"
     cfg = json.loads(cfg_file.read_text())
-    cfg["sarmerge_char_level"] = isinstance(tok.backend_tokenizer.model, models.WordLevel)
+    cfg[CHAR_LEVEL_KEY] = isinstance(tok.backend_tokenizer.model, models.WordLevel)
     cfg_file.write_text(json.dumps(cfg, indent=2) + "\n")
     return out
