@@ -278,7 +278,7 @@ def merge_config(fam: Family, setting: str, method: str, params: dict[str, Any],
     parents = fam.settings()[setting]
     spec = get_method(method)
     pvalid = spec.params.model_validate(params)
-    wants_fisher = spec.fisher != "none" and getattr(pvalid, "uses_fisher", lambda: True)()
+    wants_fisher = spec.needs_fisher(pvalid)
     layout = "dense" if spec.fisher == "dense" else "support"
     if method == "slerp":  # SLERP interpolates from its base_model to the one other model: parent A -> parent B
         return {"method": method, "base_model": str(parents[0].path), "models": [{"model": str(parents[1].path)}],

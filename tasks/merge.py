@@ -29,8 +29,7 @@ def merge_config(ws: Workspace, method: str) -> dict[str, Any]:
         raise SarmergeError(f"--method {method!r}: not in params.yaml merge.methods {sorted(methods)}")
     parameters = dict(methods[method])
     spec = get_method(method)
-    uses_fisher = spec.fisher != "none" and getattr(spec.params.model_validate(parameters), "uses_fisher",
-                                                     lambda: True)()
+    uses_fisher = spec.needs_fisher(spec.params.model_validate(parameters))
     models = []
     for name in ws.job.parents:
         entry: dict[str, Any] = {"model": str(ws.input_dir(name))}

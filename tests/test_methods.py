@@ -54,7 +54,8 @@ def ref_topk(x, k):
 
 
 def ref_ties(base, models, weights, density, lam):
-    taus = [ref_topk(m - base, int(density * base.numel())).flatten() for m in models]
+    k = base.numel() if density >= 1 else max(1, int(density * base.numel()))  # SPEC §4.8: max(1, ⌊density·n⌋)
+    taus = [ref_topk(m - base, k).flatten() for m in models]
     out = []
     for j in range(base.numel()):
         s = sum(w * t[j].item() for w, t in zip(weights, taus))
@@ -151,13 +152,12 @@ class TestAgainstReference:
     def test_slerp(self, shape, dtype):
         base, models = family(shape, dtype=dtype, sparsity=0.0)
         a, b = base, models[0] * 1.5 + 0.3  # not collinear
-        rows = lambda x: x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)  # noqa: E731
-        out = []
-        for ra, rb in zip(rows(a), rows(b)):
-            omega = torch.acos((ra / ra.norm()).dot(rb / rb.norm()).clamp(-1, 1))
-            out.append((torch.sin(0.3 * omega) * rb + torch.sin(0.7 * omega) * ra) / torch.sin(omega))
+        # one angle for the whole tensor seen as a vector (mergekit 0.1.5), not one per row
+        fa, fb = a.flatten().double(), b.flatten().double()
+        omega = torch.acos((fa / fa.norm()).dot(fb / fb.norm()).clamp(-1, 1))
+        expect = (torch.sin(0.3 * omega) * fb + torch.sin(0.7 * omega) * fa) / torch.sin(omega)
         got = run("slerp", group(a, [b]), t=0.3)
-        torch.testing.assert_close(got, torch.stack(out).reshape(a.shape), rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(got, expect.float().reshape(a.shape), rtol=1e-4, atol=1e-5)
 
 
 def test_slerp_endpoints_and_collinear_fallback():
@@ -165,6 +165,27 @@ def test_slerp_endpoints_and_collinear_fallback():
     torch.testing.assert_close(run("slerp", group(base, [models[0]]), t=0.0), base)
     torch.testing.assert_close(run("slerp", group(base, [models[0]]), t=1.0), models[0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(run("slerp", group(base, [2 * base]), t=0.5), 1.5 * base)  # collinear → lerp
+
+
+def test_slerp_is_one_interpolation_per_whole_tensor_not_per_row():
+    """Two rows at very different angles: a per-row slerp would give each row its own angle; mergekit (and we)
+    interpolate the tensor as one vector, which is a plain rescaled mix of the rows by the same two coefficients."""
+    a = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    b = torch.tensor([[0.0, 1.0], [0.0, 1.0]])  # row 0 at 90°, row 1 identical
+    got = run("slerp", group(a, [b]), t=0.5)
+    fa, fb = a.flatten(), b.flatten()
+    omega = torch.acos(fa.dot(fb) / (fa.norm() * fb.norm()))  # 60° for the whole tensor
+    coef = torch.sin(0.5 * omega) / torch.sin(omega)
+    torch.testing.assert_close(got, coef * (a + b))
+    assert not torch.allclose(got[1], b[1])  # a per-row slerp would return row 1 unchanged
+
+
+def test_top_k_keeps_at_least_one_entry():
+    """SPEC §4.8: top-k keeps max(1, ⌊density·n⌋): a 64-entry bias at density 0.01 keeps its largest entry."""
+    base = torch.zeros(64)
+    tau = torch.linspace(0.1, 1.0, 64)
+    got = run("ties", group(base, [base + tau]), density=0.01)
+    assert int((got != 0).sum()) == 1 and got[63] == tau[63]
 
 
 def test_dare_is_seeded_unbiased_and_matches_definition():

@@ -18,11 +18,32 @@ from pydantic import BaseModel, ConfigDict
 
 from sarmerge.errors import SarmergeError
 
+# How the engine may split a tensor for this method without changing its result: "element" (any row chunks),
+# "row" (row chunks; 1-D tensors whole), "multi_pass" (element chunks, after one pass over the same chunks per
+# function in the method's `stats`, whose results are summed into whole-tensor statistics: support counts, the
+# histograms of an exact top-k) or "tensor" (whole tensors only: norms, RNG streams).
+Chunking = Literal["element", "row", "multi_pass", "tensor"]
+
 
 class Params(BaseModel):
-    """Base of every method's parameter schema: unknown keys are errors."""
+    """Base of every method's parameter schema: unknown keys are errors.
+
+    The method protocol: a schema may override `needs_fisher()` (whether these parameters read the Fisher stores of
+    a method registered with `fisher="any"|"dense"`) and `chunking()` (how the engine may stream a tensor with these
+    parameters; None = the method's registered `chunking`). Callers ask the `MergeMethod`, never `getattr`.
+    """
 
     model_config = ConfigDict(extra="forbid", populate_by_name=True, frozen=True)
+
+    def needs_fisher(self) -> bool:
+        return True
+
+    def chunking(self) -> Chunking | None:
+        return None
+
+    def recorded(self) -> dict[str, Any]:
+        """The parameters as the manifest records them (YAML names, every default filled in)."""
+        return self.model_dump(by_alias=True)
 
 
 @dataclass
@@ -62,11 +83,6 @@ class TensorGroup:
 
 MethodFn = Callable[[TensorGroup, Any], torch.Tensor]
 StatsFn = Callable[[TensorGroup, Any], dict[str, torch.Tensor]]
-# How the engine may split a tensor for this method without changing its result: "element" (any row chunks),
-# "row" (row chunks; 1-D tensors whole), "multi_pass" (element chunks, after one pass over the same chunks per
-# function in the method's `stats`, whose results are summed into whole-tensor statistics: support counts, the
-# histograms of an exact top-k) or "tensor" (whole tensors only: norms, RNG streams).
-Chunking = Literal["element", "row", "multi_pass", "tensor"]
 
 
 @dataclass(frozen=True)
@@ -79,11 +95,16 @@ class MergeMethod:
     min_models: int
     max_models: int | None
     description: str
-    chunking: Chunking | Callable[[Any], Chunking]
+    chunking: Chunking
     stats: tuple[StatsFn, ...] = ()
 
+    def needs_fisher(self, params: Params) -> bool:
+        """Whether a merge with these parameters reads a Fisher store per model."""
+        return self.fisher != "none" and params.needs_fisher()
+
     def chunking_for(self, params: Params) -> Chunking:
-        mode = self.chunking(params) if callable(self.chunking) else self.chunking
+        """How the engine may stream a tensor with these parameters (the schema's choice, else the registered one)."""
+        mode = params.chunking() or self.chunking
         if mode == "multi_pass" and not self.stats:
             raise RuntimeError(f"merge method {self.name!r} streams in several passes but registers no stats function")
         return mode
@@ -100,12 +121,13 @@ def merge_method(
     fisher: Literal["none", "any", "dense"] = "none",
     min_models: int = 1,
     max_models: int | None = None,
-    chunking: Chunking | Callable[[Any], Chunking] = "tensor",
+    chunking: Chunking = "tensor",
     stats: StatsFn | tuple[StatsFn, ...] = (),
 ) -> Callable[[MethodFn], MethodFn]:
     """Register `fn(group, params) -> merged tensor` under `name`.
 
-    `chunking` declares how the engine may stream a tensor through the method (default: whole tensors); a
+    `chunking` declares how the engine may stream a tensor through the method (default: whole tensors; a parameter
+    schema may choose per configuration through `Params.chunking`); a
     "multi_pass" method also gives `stats`, one function `(group, params) -> {key: tensor}` per pass, each returning
     its own keys. Their sums over a tensor's chunks reach later passes and `fn` as `group.stats`.
     """

@@ -111,11 +111,19 @@ def streamed_topk_mask(x: torch.Tensor, high: torch.Tensor, low: torch.Tensor, k
     return mask.reshape(x.shape)
 
 
+def top_count(density: float, n: int) -> int:
+    """How many entries a top-`density` trim keeps: max(1, ⌊density·n⌋) of a non-empty tensor (as mergekit counts:
+    a positive density never empties a tensor), all of them at density ≥ 1."""
+    if density >= 1.0:
+        return n
+    return max(1, int(density * n)) if n and density > 0 else 0
+
+
 def keep_top_fraction(x: torch.Tensor, density: float) -> torch.Tensor:
-    """Zero, in place, all but the top-`density` fraction of |x| (k = int(density·n), as mergekit counts)."""
+    """Zero, in place, all but the top-`density` fraction of |x| (`top_count` entries)."""
     if density >= 1.0:
         return x
-    return x.mul_(topk_mask(x, int(density * x.numel())))
+    return x.mul_(topk_mask(x, top_count(density, x.numel())))
 
 
 def sign_consensus_merge(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:

@@ -1,16 +1,24 @@
 """Model Breadcrumbs, Davari & Belilovsky 2023: drop the largest outliers and the smallest updates."""
 
+from typing import Any, ClassVar
+
 import torch
 from pydantic import Field
 
-from sarmerge.methods import Params, TensorGroup, merge_method
+from sarmerge.methods import TensorGroup, merge_method
+from sarmerge.methods._mergekit import Dialect, gta, magnitude_outliers
 from sarmerge.methods._ops import sign_consensus_merge, topk_mask, weighted_sum
 
 
-class BreadcrumbsParams(Params):
+class BreadcrumbsParams(Dialect):
     density: float = Field(0.9, gt=0, le=1, description="fraction of entries kept")
     gamma: float = Field(0.01, ge=0, lt=1, description="fraction of largest-magnitude entries removed first")
     lambda_: float = Field(1.0, alias="lambda")
+    normalize: bool | None = Field(None, description="semantics: mergekit only (default false)")
+    rescale: bool | None = Field(None, description="semantics: mergekit only (default false): L1 rescale")
+
+    MERGEKIT_DEFAULTS: ClassVar[dict[str, Any]] = {"density": 1.0, "normalize": False, "rescale": False}
+    MERGEKIT_ONLY = ("normalize", "rescale")
 
 
 def crumbs(d: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
@@ -27,6 +35,8 @@ def crumbs(d: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
 @merge_method("breadcrumbs", params=BreadcrumbsParams)
 def breadcrumbs(g: TensorGroup, p: BreadcrumbsParams) -> torch.Tensor:
     """Breadcrumbs masking of each τ_t, then task arithmetic."""
+    if p.mergekit:
+        return gta(g, p, sparsify=magnitude_outliers, consensus=False, gamma=p.gamma)
     masked = [crumbs(d, g.density(i, p.density), p.gamma) for i, d in enumerate(g.deltas)]
     return g.base + p.lambda_ * weighted_sum(masked, g.weights)
 
@@ -34,5 +44,7 @@ def breadcrumbs(g: TensorGroup, p: BreadcrumbsParams) -> torch.Tensor:
 @merge_method("breadcrumbs_ties", params=BreadcrumbsParams)
 def breadcrumbs_ties(g: TensorGroup, p: BreadcrumbsParams) -> torch.Tensor:
     """Breadcrumbs masking, then TIES sign election and disjoint mean."""
+    if p.mergekit:
+        return gta(g, p, sparsify=magnitude_outliers, consensus=True, gamma=p.gamma)
     masked = [crumbs(d, g.density(i, p.density), p.gamma) for i, d in enumerate(g.deltas)]
     return g.base + p.lambda_ * sign_consensus_merge(masked, g.weights)

@@ -1,16 +1,26 @@
 """DELLA, Deep et al. 2024: magnitude-ranked random pruning (MagPrune) with 1/p rescaling."""
 
+from typing import Any, ClassVar
+
 import torch
 from pydantic import Field, model_validator
 
-from sarmerge.methods import Params, TensorGroup, merge_method
+from sarmerge.methods import TensorGroup, merge_method
+from sarmerge.methods._mergekit import Dialect, della_magprune, gta
 from sarmerge.methods._ops import sign_consensus_merge, weighted_sum
 
 
-class DellaParams(Params):
+class DellaParams(Dialect):
     density: float = Field(0.5, gt=0, le=1, description="mean keep probability")
     epsilon: float = Field(0.15, ge=0, description="keep probabilities span density ± epsilon by magnitude rank")
     lambda_: float = Field(1.0, alias="lambda")
+    normalize: bool | None = Field(None, description="semantics: mergekit only (default true for della, false "
+                                   "for della_linear)")
+    rescale: bool | None = Field(None, description="semantics: mergekit only (default true): L1 rescale per "
+                                 "tensor instead of 1/p per entry")
+
+    MERGEKIT_DEFAULTS: ClassVar[dict[str, Any]] = {"density": 1.0, "normalize": True, "rescale": True}
+    MERGEKIT_ONLY = ("normalize", "rescale")
 
     @model_validator(mode="after")
     def _spread_fits(self) -> "DellaParams":
@@ -19,6 +29,10 @@ class DellaParams(Params):
                 f"density ± epsilon must lie in (0, 1]; got density={self.density}, epsilon={self.epsilon}"
             )
         return self
+
+
+class DellaLinearParams(DellaParams):
+    MERGEKIT_DEFAULTS: ClassVar[dict[str, Any]] = {"density": 1.0, "normalize": False, "rescale": True}
 
 
 def magprune(g: TensorGroup, d: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
@@ -36,12 +50,16 @@ def magprune(g: TensorGroup, d: torch.Tensor, density: float, epsilon: float) ->
 @merge_method("della", params=DellaParams)
 def della(g: TensorGroup, p: DellaParams) -> torch.Tensor:
     """MagPrune each τ_t, then TIES sign election and disjoint mean."""
+    if p.mergekit:
+        return gta(g, p, sparsify=della_magprune, consensus=True, epsilon=p.epsilon)
     pruned = [magprune(g, d, g.density(i, p.density), p.epsilon) for i, d in enumerate(g.deltas)]
     return g.base + p.lambda_ * sign_consensus_merge(pruned, g.weights)
 
 
-@merge_method("della_linear", params=DellaParams)
-def della_linear(g: TensorGroup, p: DellaParams) -> torch.Tensor:
+@merge_method("della_linear", params=DellaLinearParams)
+def della_linear(g: TensorGroup, p: DellaLinearParams) -> torch.Tensor:
     """MagPrune each τ_t, then task arithmetic."""
+    if p.mergekit:
+        return gta(g, p, sparsify=della_magprune, consensus=False, epsilon=p.epsilon)
     pruned = [magprune(g, d, g.density(i, p.density), p.epsilon) for i, d in enumerate(g.deltas)]
     return g.base + p.lambda_ * weighted_sum(pruned, g.weights)

@@ -2,16 +2,19 @@
 
 import torch
 
-from sarmerge.methods import Params, TensorGroup, merge_method
+from sarmerge.methods import TensorGroup, merge_method
+from sarmerge.methods import _mergekit as mk
 
 
-class LinearParams(Params):
+class LinearParams(mk.Dialect):
     normalize: bool = True
 
 
 @merge_method("linear", params=LinearParams, needs_base=False, chunking="element")
 def linear(g: TensorGroup, p: LinearParams) -> torch.Tensor:
     """θ = Σ w_t θ_t / Σ w_t."""
+    if p.mergekit:  # accumulated in fp32 whatever the compute dtype
+        return mk.linear(g, p.normalize)
     out = torch.zeros_like(g.models[0])
     for w, m in zip(g.weights, g.models, strict=True):
         out.add_(m, alpha=w)

@@ -1,13 +1,27 @@
 """Model Stock, Jang et al. 2024: interpolate the models' average toward the base by their update geometry."""
 
+from typing import Any, ClassVar
+
 import torch
+from pydantic import Field
 
-from sarmerge.methods import Params, TensorGroup, merge_method
+from sarmerge.methods import TensorGroup, merge_method
+from sarmerge.methods import _mergekit as mk
 
 
-@merge_method("model_stock", params=Params, min_models=2, chunking="row")
-def model_stock(g: TensorGroup, p: Params) -> torch.Tensor:
+class ModelStockParams(mk.Dialect):
+    filter_wise: bool | None = Field(None, description="semantics: mergekit only (default false = one t per "
+                                     "tensor; true = per row)")
+
+    MERGEKIT_DEFAULTS: ClassVar[dict[str, Any]] = {"filter_wise": False}
+    MERGEKIT_ONLY = ("filter_wise",)
+
+
+@merge_method("model_stock", params=ModelStockParams, min_models=2, chunking="row")
+def model_stock(g: TensorGroup, p: ModelStockParams) -> torch.Tensor:
     """Per row: t = N·cos/(1 + (N−1)·cos) from the mean pairwise cosine of the τ_t; θ = t·mean(θ_t) + (1−t)·θ₀."""
+    if p.mergekit:
+        return mk.model_stock(g, bool(p.filter_wise))
     shape = g.base.shape
     rows = lambda x: x.reshape(1, -1) if x.dim() < 2 else x.reshape(x.shape[0], -1)  # noqa: E731
     deltas = [rows(d) for d in g.deltas]

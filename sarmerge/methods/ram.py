@@ -1,18 +1,32 @@
 """Reinforced Agent Merging, arXiv 2601.13572 (SPEC §4.5)."""
 
+from typing import Any, ClassVar
+
 import torch
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from sarmerge.methods import Params, TensorGroup, merge_method
+from sarmerge.methods import TensorGroup, merge_method
+from sarmerge.methods import _mergekit as mk
 
 
-class RamParams(Params):
+class RamParams(mk.Dialect):
     epsilon: float = Field(1e-5, ge=0)
     lambda_: float = Field(1.0, alias="lambda")
 
 
 class RamPlusParams(RamParams):
-    r: float = Field(2.0, ge=1, description="boost ceiling for unique updates: factor 1 + (r − 1)·min(1, ρ_t)")
+    r: float = Field(2.0, ge=0, description="boost ceiling for unique updates: factor 1 + (r − 1)·min(1, ρ_t) "
+                     "(mergekit's ramplus_tl: 1 + r·clamp(ρ_t, 0, alpha), r = 0.1)")
+    alpha: float | None = Field(None, ge=0, description="semantics: mergekit only (default 0.2): cap on ρ_t")
+
+    MERGEKIT_DEFAULTS: ClassVar[dict[str, Any]] = {"r": 0.1, "alpha": 0.2}
+    MERGEKIT_ONLY = ("alpha",)
+
+    @model_validator(mode="after")
+    def _boost_at_least_one(self) -> "RamPlusParams":
+        if not self.mergekit and self.r < 1:
+            raise ValueError(f"r must be ≥ 1 (a boost ceiling); got {self.r}")
+        return self
 
 
 def supports(deltas: list[torch.Tensor], epsilon: float) -> tuple[list[torch.Tensor], torch.Tensor]:
@@ -56,10 +70,14 @@ def _ram(g: TensorGroup, p: RamParams, boosts: list[float] | None) -> torch.Tens
 @merge_method("ram", params=RamParams, chunking="element")
 def ram(g: TensorGroup, p: RamParams) -> torch.Tensor:
     """Keep τ_t where only model t moved; average the movers where several did."""
+    if p.mergekit:
+        return mk.ram(g, p.epsilon)
     return _ram(g, p, None)
 
 
 @merge_method("ram_plus", params=RamPlusParams, chunking="multi_pass", stats=support_stats)
 def ram_plus(g: TensorGroup, p: RamPlusParams) -> torch.Tensor:
     """RAM with unique updates of model t boosted by 1 + (r − 1)·min(1, overlap_t / unique_t)."""
+    if p.mergekit:
+        return mk.ramplus_tl(g, p.epsilon, p.r, float(p.alpha))
     return _ram(g, p, unique_boost(g, p))

@@ -17,7 +17,7 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from sarmerge.methods import Params, TensorGroup, merge_method
+from sarmerge.methods import Chunking, Params, TensorGroup, merge_method
 from sarmerge.methods._ops import topk_mask
 from sarmerge.methods.ram import support_stats, supports, unique_boost
 
@@ -33,10 +33,10 @@ class SarParams(Params):
     r: float = Field(2.0, ge=1, description="RAM+ boost ceiling, used by rescale: ram_plus")
     lambda_: float = Field(1.0, alias="lambda")
 
-    def uses_fisher(self) -> bool:
+    def needs_fisher(self) -> bool:
         return self.sensitivity != "delta2" or self.arbitration != "hard"
 
-    def chunking(self) -> str:
+    def chunking(self) -> Chunking:
         # Without sparsification every step is per entry: the norm and dare rescales are the identity, and RAM+'s
         # boost needs only the tensor's support counts, summed by the engine in a statistics pass.
         if self.density < 1.0:
@@ -52,7 +52,7 @@ def _sensitivity(p: SarParams, delta: torch.Tensor, fisher: torch.Tensor | None)
     return fisher * delta * delta
 
 
-@merge_method("sar", params=SarParams, fisher="any", chunking=lambda p: p.chunking(), stats=support_stats)
+@merge_method("sar", params=SarParams, fisher="any", stats=support_stats)
 def sar(g: TensorGroup, p: SarParams) -> torch.Tensor:
     """SAR-Merging: unique updates kept, overlaps arbitrated by Fisher sensitivity, sparsified and rescaled."""
     # Per-model running reductions throughout: reductions over a stacked model axis (argmax, sum) are pathologically
@@ -66,7 +66,7 @@ def sar(g: TensorGroup, p: SarParams) -> torch.Tensor:
         merged += torch.where(m & unique, d, 0.0)
     if bool(overlap.any()):
         zeros = torch.zeros_like(deltas[0])
-        fishers = [(f if f is not None else zeros) for f in g.fishers] if p.uses_fisher() else [None] * len(deltas)
+        fishers = [(f if f is not None else zeros) for f in g.fishers] if p.needs_fisher() else [None] * len(deltas)
         # hard: the update of the most sensitive mover (first one on ties, like argmax)
         best_s = torch.full_like(deltas[0], -1.0)
         hard = torch.zeros_like(deltas[0])

@@ -1,20 +1,36 @@
 """TIES-Merging, Yadav et al. 2023 (SPEC §4.3)."""
 
+from typing import Any, ClassVar
+
 import torch
 from pydantic import Field
 
-from sarmerge.methods import Params, TensorGroup, merge_method
-from sarmerge.methods._ops import keep_top_fraction, radix_high, radix_low, sign_consensus_merge, streamed_topk_mask
+from sarmerge.methods import TensorGroup, merge_method
+from sarmerge.methods._mergekit import Dialect, gta, magnitude
+from sarmerge.methods._ops import (
+    keep_top_fraction,
+    radix_high,
+    radix_low,
+    sign_consensus_merge,
+    streamed_topk_mask,
+    top_count,
+)
 
 
-class TiesParams(Params):
-    density: float = Field(0.2, gt=0, le=1)
+class TiesParams(Dialect):
+    density: float = Field(0.2, gt=0, le=1, description="fraction kept per tensor: max(1, ⌊density·n⌋) entries")
     lambda_: float = Field(1.0, alias="lambda")
+    normalize: bool | None = Field(None, description="semantics: mergekit only (default true): divide by the "
+                                   "agreeing weights")
+    rescale: bool | None = Field(None, description="semantics: mergekit only (default false): restore each "
+                                 "trimmed τ's L1 norm")
+
+    MERGEKIT_DEFAULTS: ClassVar[dict[str, Any]] = {"density": 1.0, "normalize": True, "rescale": False}
+    MERGEKIT_ONLY = ("normalize", "rescale")
 
 
 def _k(g: TensorGroup, p: TiesParams, i: int, numel: int) -> int:
-    density = g.density(i, p.density)
-    return numel if density >= 1.0 else int(density * numel)  # as keep_top_fraction counts
+    return top_count(g.density(i, p.density), numel)  # as keep_top_fraction counts
 
 
 def _high_bits(g: TensorGroup, p: TiesParams) -> dict[str, torch.Tensor]:
@@ -31,6 +47,8 @@ def _low_bits(g: TensorGroup, p: TiesParams) -> dict[str, torch.Tensor]:
 @merge_method("ties", params=TiesParams, chunking="multi_pass", stats=(_high_bits, _low_bits))
 def ties(g: TensorGroup, p: TiesParams) -> torch.Tensor:
     """Trim each τ_t to its top-density magnitudes, elect signs, disjoint mean; θ = θ₀ + λ·merged."""
+    if p.mergekit:
+        return gta(g, p, sparsify=magnitude, consensus=True)
     if g.stats is None:  # the whole tensor
         trimmed = [keep_top_fraction(d, g.density(i, p.density)) for i, d in enumerate(g.deltas)]
     else:  # a row chunk: the whole tensor's exact top-k from the statistics passes
