@@ -80,6 +80,21 @@ def test_code_answers_are_what_python_evaluates_and_slips_differ() -> None:
         assert eval(expr, {"__builtins__": {}}) == p.answer
 
 
+def test_code_mcq_options_hold_the_evaluated_answer_once_under_its_letter() -> None:
+    letters = []
+    for p in get_task("code_mcq_nl").generate(200, seed=0, split="test"):
+        expr = p.prompt.split("expression ", 1)[1].split(" evaluate", 1)[0]
+        options = dict(line.split(") ", 1) for line in p.prompt.splitlines()[1:5])
+        assert list(options) == ["A", "B", "C", "D"] and len(set(options.values())) == 4, p.prompt
+        assert options[p.answer] == eval(expr, {"__builtins__": {}})  # the keyed option is what Python prints
+        assert options[p.slip] != options[p.answer]  # the slip is among the wrong options
+        letters.append(p.answer)
+    assert all(letters.count(x) > 25 for x in "ABCD")  # the right option's position is spread over the letters
+    score = get_task("code_mcq_nl").score
+    assert score("C", "C") == 1.0 and score("C) ggb", "C") == 1.0 and score("The answer is C.", "C") == 1.0
+    assert score("A or C", "C") == 0.0 and score("CAB", "C") == 0.0 and score("", "C") == 0.0
+
+
 def test_math_answers_are_the_sums() -> None:
     for p in get_task("math").generate(300, seed=0, split="test"):
         assert eval(p.prompt, {"__builtins__": {}}) == int(p.answer)
