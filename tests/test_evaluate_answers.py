@@ -14,8 +14,8 @@ from sarmerge.evaluate.answers import (
     extract_answer,
     extract_code,
     gsm8k_gold,
-    humaneval_program,
-    mbpp_program,
+    humaneval_candidate,
+    mbpp_candidate,
 )
 from sarmerge.evaluate.benchmarks import LoadRequest, ScoreContext, get_suite
 from sarmerge.evaluate.metrics import bootstrap_interval, pass_at_k, summarize, wilson_interval
@@ -96,21 +96,40 @@ def test_fenced_block_with_a_definition_wins() -> None:
     assert extract_code(text).startswith("def area(r):")
 
 
-def test_humaneval_program_accepts_whole_functions_and_body_continuations() -> None:
-    program, code = humaneval_program(PROMPT, "```python\ndef area(r):\n    return math.pi * r ** 2\n```", TEST, "area")
-    assert code.startswith("def area") and program.endswith("check(area)\n")
+def test_humaneval_candidate_accepts_whole_functions_and_body_continuations() -> None:
+    program, code = humaneval_candidate(PROMPT, "```python\ndef area(r):\n    return math.pi * r ** 2\n```", "area")
+    assert code.startswith("def area") and "check(" not in program  # the tests never join the candidate
     namespace: dict = {}
-    exec(compile(program, "whole", "exec"), namespace)  # the test's own check passes: no AssertionError
+    exec(compile(program, "whole", "exec"), namespace)
+    exec(compile(TEST, "test", "exec"), namespace)
+    namespace["check"](namespace["area"])
 
-    body, _ = humaneval_program(PROMPT, "    return math.pi * r ** 2\n\ndef unrelated():\n    pass\n", TEST, "area")
+    body, _ = humaneval_candidate(PROMPT, "    return math.pi * r ** 2\n\ndef unrelated():\n    pass\n", "area")
     assert "unrelated" not in body  # cut at the next top-level statement
-    exec(compile(body, "body", "exec"), {})
 
 
-def test_mbpp_program_puts_setup_before_asserts() -> None:
-    program, _ = mbpp_program("```python\ndef f(x):\n    return x + 1\n```", ["assert f(1) == 2"], "import math")
-    assert program.index("def f") < program.index("import math") < program.index("assert f(1) == 2")
-    exec(compile(program, "mbpp", "exec"), {})
+def test_mbpp_candidate_is_the_code_alone() -> None:
+    program, code = mbpp_candidate("```python\ndef f(x):\n    return x + 1\n```\nassert f(1) == 2 is shown")
+    assert program == "def f(x):\n    return x + 1\n\n" and code.startswith("def f")
+
+
+@pytest.mark.parametrize("hostile", [
+    "__import__('os').system('touch {marker}') or 1",
+    "(lambda: __import__('os').system('touch {marker}'))()",
+    "1 + __import__('os').system('touch {marker}')",
+    "2*(3+__import__('os').system('touch {marker}'))",
+])
+def test_check_answer_never_evaluates_model_text(tmp_path, hostile: str) -> None:
+    # math-verify's default extraction hands plain-text expressions to sympy.parse_expr (an eval); we use its
+    # LaTeX parser only, so none of these runs (and none is equivalent to 1)
+    marker = tmp_path / "pwned"
+    assert check_answer("1", hostile.format(marker=marker)) is False
+    assert not marker.exists()
+
+
+def test_check_answer_still_verifies_latex_and_plain_numbers() -> None:
+    assert check_answer("\\frac{1}{2}", "0.5") and check_answer("1234", "1,234") and check_answer("2", "2.0")
+    assert check_answer("x^2+1", "1+x^2") and not check_answer("3", "4")
 
 
 # -- metrics -------------------------------------------------------------------------------------------------------

@@ -46,7 +46,8 @@ def test_humaneval_ships_164_problems_with_tests() -> None:
     items = load("humaneval")
     assert len(items) == 164
     assert [i.id for i in items[:2]] == ["HumanEval/0", "HumanEval/1"]
-    assert all("def check(" in i.private["program"]("")[0] for i in items)
+    jobs = [i.private["job"]("")[0] for i in items]
+    assert all("def check(" in j.trusted["test"] and "def check(" not in j.candidate for j in jobs)
     assert all(i.completion_prompt and i.completion_prompt in i.prompt for i in items)
 
 
@@ -62,7 +63,7 @@ def test_groups_expand_in_order_without_duplicates() -> None:
     assert [s.name for s in resolve_suites(["gsm8k", "math"])] == ["gsm8k", "champ"]
 
 
-def test_reasoning_gym_is_seeded_and_scored_by_its_own_scorer() -> None:
+def test_reasoning_gym_is_seeded_and_scored_by_its_own_scorer_in_the_sandbox() -> None:
     suite = get_suite("reasoning_gym:chain_sum")
     a = suite.load(LoadRequest(seed=3, limit=5))
     b = suite.load(LoadRequest(seed=3, limit=5))
@@ -70,8 +71,12 @@ def test_reasoning_gym_is_seeded_and_scored_by_its_own_scorer() -> None:
     assert len(a) == 5
     assert [i.prompt for i in a] == [i.prompt for i in b]
     assert [i.prompt for i in a] != [i.prompt for i in c]
-    right = suite.score(a, [f"Some work.\nAnswer: {i.answer}" for i in a], _ctx())
-    wrong = suite.score(a, [f"Answer: {int(i.answer) + 1}" for i in a], _ctx())
+    from sarmerge.evaluate.sandbox import Sandbox
+
+    box = Sandbox()
+    ctx = benchmarks.ScoreContext(sandbox_factory=lambda: box, workers=2, allow_unisolated=True)
+    right = suite.score(a[:3], [f"Some work.\nAnswer: {i.answer}" for i in a[:3]], ctx)
+    wrong = suite.score(a[:2], [f"Answer: {int(i.answer) + 1}" for i in a[:2]], ctx)
     assert all(v.correct and v.score == 1.0 for v in right)
     assert not any(v.correct for v in wrong)
 
@@ -130,8 +135,9 @@ def test_mbpp_original_and_sanitized_layouts() -> None:
     assert [i.id for i in original] == ["mbpp/901", "mbpp/902", "mbpp/903"]
     assert [i.id for i in sanitized] == ["mbpp/904", "mbpp/905"]
     assert "assert larger(1, 2) == 2" in original[0].prompt
-    program, _ = original[2].private["program"]("```python\n" + original[2].private["canonical_solution"] + "\n```")
-    assert "import math" in program and program.index("def gcd") < program.index("assert gcd(12, 18)")
+    job, _ = original[2].private["job"]("```python\n" + original[2].private["canonical_solution"] + "\n```")
+    assert "import math" in job.trusted["setup"] and "def gcd" in job.candidate
+    assert any("assert gcd(12, 18)" in t for t in job.trusted["tests"]) and "assert" not in job.candidate
 
 
 def test_humaneval_official_jsonl_plain_and_gzipped(tmp_path: Path) -> None:
