@@ -1,19 +1,16 @@
-"""bench/experiment.py: the selection machinery on known answers, and the whole experiment end to end on a cheap family
-(a real tiny zoo family with a few SFT/GRPO steps, real Fisher, real merges through the engine, real evaluation)."""
+"""bench/experiment (`python -m bench.experiment`): the selection machinery on known answers, and the whole experiment
+end to end on a cheap family (a real tiny zoo family with a few SFT/GRPO steps, real Fisher, real merges through the
+engine, real evaluation)."""
 
 from __future__ import annotations
 
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from bench import experiment  # noqa: E402
+from bench import experiment
 
 # A family that builds in seconds: its specialists are barely trained, which is all the plumbing needs.
 CHEAP_FAMILY = {"sft": {"steps": 80, "batch_size": 32}, "grpo": {"steps": 3, "prompts": 16, "group": 4, "lr": 1e-3},
