@@ -15,8 +15,9 @@ from pathlib import Path
 
 import torch
 
-from sarmerge.checkpoint import Checkpoint, ShardedWriter, parse_size
+from sarmerge.checkpoint import Checkpoint, ShardedWriter
 from sarmerge.errors import SarmergeError
+from sarmerge.layout import parse_size
 
 FORMAT_KEY = "sarmerge.fisher.format"
 EPSILON_KEY = "sarmerge.fisher.epsilon"

@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 from sarmerge.errors import SarmergeError
+from sarmerge.layout import sha256_file
 from tasks.cache import cached, checkpoint_digest
 from tasks.common import step_main
-from tasks.registry import sha256_file
 from tasks.workspace import Workspace
 
 log = logging.getLogger(__name__)
