@@ -140,3 +140,23 @@ def test_parse_size():
     assert parse_size(123) == 123
     with pytest.raises(SarmergeError, match="invalid size 'lots'"):
         parse_size("lots")
+
+
+def test_the_torch_free_layout_agrees_with_torch():
+    """sarmerge.layout spells dtypes without torch: every code's name and byte size must be torch's own."""
+    import torch
+
+    from sarmerge import checkpoint, layout
+
+    for code, name in layout.DTYPE_NAMES.items():
+        dtype = getattr(torch, name)
+        assert torch.empty((), dtype=dtype).element_size() == layout.ELEMENT_SIZES[code], code
+        assert checkpoint.SAFETENSORS_DTYPES[code] is dtype
+    assert set(layout.ELEMENT_SIZES) == set(layout.DTYPE_NAMES)
+    floats = {c for c, n in layout.DTYPE_NAMES.items() if getattr(torch, n).is_floating_point and "float8" not in n}
+    assert floats == layout.FLOAT_CODES  # fp8 is stored, never merged
+    # one implementation, re-exported where the engine has always imported it from
+    for name in ("read_header", "atomic_output_dir", "parse_size", "sha256_file", "copy_aux_files", "AUX_FILES"):
+        assert getattr(checkpoint, name) is getattr(layout, name), name
+    content = layout.CONTENT_FILES
+    assert content == (*layout.AUX_FILES, layout.INDEX_FILE)
