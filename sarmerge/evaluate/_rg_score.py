@@ -1,13 +1,18 @@
 """In-sandbox reasoning-gym scorer: one answer per process (no sarmerge imports; runs in the venv's interpreter).
 
-stdin: {"nonce", "task", "seed", "size", "index", "answer"} (JSON; the answer is data, never code on a command line).
-The entry is regenerated here from (task, seed, size, index); the result goes to the report fd the host gave this
+stdin: {"nonce", "task", "seed", "size", "index", "entry", "answer"} (JSON; the answer is data, never code on a command
+line). The dataset (its scorer's config) is regenerated here from (task, seed, size); the entry is the host's own,
+pickled by the host (trusted data: generators iterate sets, so a regenerated entry can differ under another hash
+seed), or, if it would not pickle, regenerated and checked against the host's question. The result goes to the
+report fd the host gave this
 process: {"nonce", "score"} or {"nonce", "error": <exception type name>}. Several reasoning-gym scorers `eval` or
 `sympy.parse_expr` the answer: that is why this runs in the sandbox and nowhere else.
 """
 
+import base64
 import json
 import os
+import pickle
 import sys
 
 
@@ -20,7 +25,12 @@ def main() -> None:
         import reasoning_gym
 
         dataset = reasoning_gym.create_dataset(job["task"], seed=job["seed"], size=job["size"])
-        entry = dataset[job["index"]]
+        if job.get("entry_pickle"):
+            entry = pickle.loads(base64.b64decode(job["entry_pickle"]))  # written by the host, before any answer
+        else:
+            entry = dataset[job["index"]]
+            if entry["question"] != job["question"]:
+                raise LookupError("regenerated entry differs from the one the model saw")
         score = dataset.score_answer(job["answer"], entry)
         out["score"] = float(score)
     except BaseException as e:  # a scorer crash on garbage output is a wrong answer

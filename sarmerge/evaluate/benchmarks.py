@@ -33,7 +33,7 @@ from typing import Any
 
 from sarmerge.errors import SarmergeError
 from sarmerge.evaluate.answers import check_answer, extract_answer, gsm8k_gold, humaneval_candidate, mbpp_candidate
-from sarmerge.evaluate.harness import CodeJob, ScoreJob, run_code_job, run_reasoning_gym_job
+from sarmerge.evaluate.harness import CodeJob, ScoreJob, pickle_entry, run_code_job, run_reasoning_gym_job
 
 log = logging.getLogger(__name__)
 
@@ -464,17 +464,19 @@ def reasoning_gym_suite(task: str) -> Suite:
             raise SarmergeError(f"reasoning_gym:{task}: cannot generate: {e}") from e
         items = []
         for i, entry in enumerate(dataset):
-            # the scorer regenerates the entry inside the sandbox from (task, seed, size, index)
+            # the sandboxed scorer gets this entry (pickled here) and regenerates the dataset from (task, seed, size)
             items.append(Item(id=f"reasoning_gym:{task}/{req.seed}/{i}",
                               prompt=f"{entry['question'].strip()}\n\n{REASONING_GYM_INSTRUCTION}",
                               answer=str(entry["answer"]),
-                              private={"task": task, "seed": req.seed, "size": size, "index": i}))
+                              private={"task": task, "seed": req.seed, "size": size, "index": i,
+                                       "entry_pickle": pickle_entry(entry), "question": entry["question"]}))
         return items
 
     def score(items: Sequence[Item], completions: Sequence[str], ctx: ScoreContext) -> list[Verdict]:
         # reasoning-gym scorers eval / sympy.parse_expr answers: never in this process (SPEC §6), one sandbox each
         answers = [_reasoning_gym_extract(text) for text in completions]
-        jobs = [ScoreJob(it.private["task"], it.private["seed"], it.private["size"], it.private["index"], answer)
+        jobs = [ScoreJob(it.private["task"], it.private["seed"], it.private["size"], it.private["index"], answer,
+                         it.private["entry_pickle"], it.private["question"])
                 for it, answer in zip(items, answers, strict=True)]
         box = ctx.sandbox
         results: list[Any] = [None] * len(jobs)

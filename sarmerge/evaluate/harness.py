@@ -7,8 +7,8 @@ carries this sample's nonce, says every test ran and passed, and T exited 0. Exi
 its stdout and anything it prints mean nothing; a verdict's detail is generated here from T's counts, clipped.
 
 Scorers that evaluate model text as code (reasoning-gym's `eval` / `sympy.parse_expr` based ones) run inside the
-sandbox too, one process per item, the answer passed as JSON data on stdin and the entry regenerated there from
-(task, seed, size, index).
+sandbox too, one process per item, the answer passed as JSON data on stdin with the host's entry (pickled by the
+host, loaded in the sandbox: the trusted direction) and the scorer's dataset regenerated there from (task, seed, size).
 """
 
 from __future__ import annotations
@@ -106,6 +106,19 @@ class ScoreJob:
     size: int
     index: int
     answer: str | None
+    entry_pickle: str | None = None  # base64 pickle of the host's entry (host -> sandbox only; never unpickled here)
+    question: str | None = None  # checked when the entry is regenerated instead
+
+
+def pickle_entry(entry: Any) -> str | None:
+    """The host's generator entry for the sandbox (None if it does not pickle: the sandbox regenerates it)."""
+    import base64
+    import pickle
+
+    try:
+        return base64.b64encode(pickle.dumps(entry)).decode("ascii")
+    except (pickle.PicklingError, TypeError, AttributeError):
+        return None
 
 
 @dataclass(frozen=True)
@@ -118,7 +131,7 @@ def run_reasoning_gym_job(box: Sandbox, job: ScoreJob, limits: SandboxLimits | N
     """Score one reasoning-gym answer in its own sandboxed process; the answer travels as JSON data."""
     nonce = secrets.token_hex(16)
     payload = {"nonce": nonce, "task": job.task, "seed": job.seed, "size": job.size, "index": job.index,
-               "answer": job.answer}
+               "entry_pickle": job.entry_pickle, "question": job.question, "answer": job.answer}
     result = box.execute({"_rg_score.py": REASONING_GYM_SCORER.read_text()},
                          lambda files: [files + "/_rg_score.py"], limits=limits or SCORER_LIMITS,
                          stdin=json.dumps(payload).encode(), report=True, venv=True)
