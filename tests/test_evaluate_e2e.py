@@ -226,3 +226,45 @@ def test_vllm_backend_without_vllm_is_a_clear_error(tiny_dir: Path) -> None:
         pytest.skip("vllm is installed here")
     with pytest.raises(SarmergeError, match="backend 'vllm' is not installed"):
         evaluate(tiny_dir, "gsm8k", limit=1, backend="vllm", progress=False)
+
+
+# -- unisolated scoring is a decision (issue 11 item 5) ----------------------------------------------------------------
+def test_code_suites_refuse_unisolated_before_the_model_loads(tiny_dir: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch,
+                                                              capsys: pytest.CaptureFixture[str]) -> None:
+    monkeypatch.setenv("SARMERGE_SANDBOX_MODE", "rlimits")  # what a machine without namespaces gets
+    out = tmp_path / "eval"
+    args = ["evaluate", "--model", str(tiny_dir), "--suite", "humaneval", "--limit", "1", "--max-new-tokens", "4",
+            "--out", str(out), "--no-progress"]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "refusing to run suites humaneval" in err and "--allow-unisolated" in err
+    assert not out.exists() and not list(tmp_path.glob(".eval.*"))
+
+    assert main([*args, "--allow-unisolated"]) == 0
+    assert "UNISOLATED" in capsys.readouterr().out
+    sandbox = json.loads((out / "summary.json").read_text())["sandbox"]
+    assert sandbox["mode"] == "rlimits" and sandbox["isolated"] is False and sandbox["allow_unisolated"] is True
+    assert sandbox["network_isolated"] is False and sandbox["pid_namespace"] is False
+
+
+def test_math_suites_run_without_the_sandbox_even_when_it_cannot_isolate(tiny_dir: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("SARMERGE_SANDBOX_MODE", "rlimits")
+    summary = evaluate(tiny_dir, "gsm8k", limit=1, max_new_tokens=2, progress=False)
+    assert summary["sandbox"] is None
+
+
+def test_params_allow_unisolated_reaches_the_evaluator(tiny_dir: Path, tmp_path: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    from tasks.evaluate import evaluate_dir
+    from tasks.params import EvaluateCfg
+
+    monkeypatch.setenv("SARMERGE_SANDBOX_MODE", "rlimits")
+    cfg = EvaluateCfg(suites={"code": "humaneval"}, limit=1, max_new_tokens=4)
+    assert cfg.allow_unisolated is False  # the default refuses
+    with pytest.raises(SarmergeError, match="refusing to run"):
+        evaluate_dir(tiny_dir, tmp_path / "refused", cfg, ["humaneval"])
+    allowed = cfg.model_copy(update={"allow_unisolated": True})
+    summary = evaluate_dir(tiny_dir, tmp_path / "allowed", allowed, ["humaneval"])
+    assert summary["sandbox"]["mode"] == "rlimits" and summary["sandbox"]["allow_unisolated"] is True
