@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from tasks.common import write_json_atomic
-from tasks.registry import validate_name
+from tasks.registry import validate_name, validate_version
 
 
 class Ledger:
@@ -25,13 +25,11 @@ class Ledger:
 
     def _version_file(self, name: str, version: str) -> Path:
         validate_name(name, "model name")
-        if not str(version).isdigit():
-            raise ValueError(f"model version must be a number, got {version!r}")
-        return self.dir / "versions" / name / f"{int(version)}.json"
+        return self.dir / "versions" / name / f"{validate_version(version)}.json"
 
     def _job_file(self, job_id: str) -> Path:
-        if not job_id.isalnum():
-            raise ValueError(f"job id must be alphanumeric, got {job_id!r}")
+        if not re.fullmatch(r"[0-9a-f]{1,64}", job_id):  # job ids are params_hash() hex digests
+            raise ValueError(f"job id must be a hex digest, got {job_id!r}")
         return self.dir / "jobs" / f"{job_id}.json"
 
     @staticmethod
@@ -92,6 +90,22 @@ class Ledger:
     def claim_job(self, job_id: str, dag_run: str, parents: list[str]) -> tuple[bool, dict[str, Any]]:
         won, record = self._claim(self._job_file(job_id), {"dag_run": dag_run, "parents": parents})
         return won or record.get("dag_run") == dag_run, record
+
+    def release_job(self, job_id: str, dag_run: str) -> bool:
+        """Drop this run's claim on a job (its planning failed), so a later run can plan it; another run's is kept."""
+        f = self._job_file(job_id)
+        if f.exists() and self._read(f).get("dag_run") == dag_run:
+            f.unlink(missing_ok=True)
+            return True
+        return False
+
+    def release_version(self, name: str, version: str, dag_run: str, reason: str) -> bool:
+        """Mark this run's claim on a version failed (the takeover path of claim_version lets a later run in)."""
+        record = self.version(name, version)
+        if record is None or record.get("dag_run") != dag_run or record.get("state") != "claimed":
+            return False
+        self.update_version(name, version, state="failed", reason=reason[:2000])
+        return True
 
     def job(self, job_id: str) -> dict[str, Any] | None:
         f = self._job_file(job_id)

@@ -49,10 +49,8 @@ def parse_events(text: str) -> list[tuple[str, str]]:
     for i, ev in enumerate(raw):
         if not isinstance(ev, dict) or "name" not in ev or "version" not in ev:
             raise SarmergeError(f"--events[{i}]: expected {{name, version}}, got {ev!r}")
-        name, version = reg.validate_name(str(ev["name"]), f"--events[{i}].name"), str(ev["version"])
-        if not version.isdigit():
-            raise SarmergeError(f"--events[{i}].version: expected a number, got {version!r}")
-        out.append((name, version))
+        name = reg.validate_name(ev["name"], f"--events[{i}].name")
+        out.append((name, reg.validate_version(ev["version"], f"--events[{i}].version")))
     return sorted(set(out), key=lambda e: (e[0], int(e[1])))
 
 
@@ -71,12 +69,43 @@ class Planner:
         self.skipped: list[dict[str, Any]] = []
         self._family_versions: dict[str, list[reg.ModelRef]] = {}
         self._planned: dict[str, dict[str, Any]] = {}
+        # what this call claimed, released again if planning fails (a failed plan must not block later runs)
+        self._claimed_versions: list[reg.ModelRef] = []
+        self._claimed_jobs: list[str] = []
+        self._ineligible: set[str] = set()
+
+    def ineligible(self, ref: reg.ModelRef) -> str | None:
+        """Why a registered version can be neither planned nor a partner (checked before anything is claimed), or
+        None. Registered strings are untrusted: a domain or name that only passes a lax check, or a domain that
+        params.yaml gives no suite, would otherwise fail the plan after its claims were written."""
+        try:
+            reg.validate_name(ref.name, "model name")
+            reg.validate_version(ref.version)
+            reg.validate_domain(ref.domain, f"{ref.uri}: tag {reg.TAG_DOMAIN}")
+            if ref.base:
+                reg.parse_base_tag(ref.base)
+        except SarmergeError as e:
+            return str(e)
+        if ref.domain not in self.params.evaluate.suites:
+            return (f"domain {ref.domain!r} has no suite in params.yaml evaluate.suites "
+                    f"(configured: {sorted(self.params.evaluate.suites)})")
+        return None
 
     def family_versions(self, family: str) -> list[reg.ModelRef]:
         if family not in self._family_versions:
             fam = self.params.family_named(family)
             refs = reg.find_by_tags(self.client, **{reg.TAG_KIND: "rlvr"})
-            self._family_versions[family] = [r for r in refs if fam.matches(r.name)]
+            usable = []
+            for r in refs:
+                if not fam.matches(r.name):
+                    continue
+                reason = self.ineligible(r)
+                if reason is None:
+                    usable.append(r)
+                elif r.key not in self._ineligible:  # reported once, never a partner
+                    self._ineligible.add(r.key)
+                    self.skip(r, f"not usable: {reason}")
+            self._family_versions[family] = usable
         return self._family_versions[family]
 
     def skip(self, ref_or_key: Any, reason: str, *, mark: bool = False) -> None:
@@ -112,10 +141,17 @@ class Planner:
         if ref.kind != "rlvr":
             self.skip(ref, f"kind is {ref.kind or 'unset'!r}; only rlvr versions start merges")
             return False
+        reason = self.ineligible(ref)
+        if reason is not None:
+            if ref.key not in self._ineligible:
+                self._ineligible.add(ref.key)
+                self.skip(ref, f"not usable: {reason}")
+            return False
         mine, record = self.ledger.claim_version(ref.name, ref.version, self.dag_run)
         if not mine:
             self.skip(ref, f"already {record.get('state', 'claimed')} by DAG run {record.get('dag_run')}")
             return False
+        self._claimed_versions.append(ref)
         if record.get("state") in ("done", "skipped"):
             self.skip(ref, f"already {record['state']} by this DAG run")
             return False
@@ -212,11 +248,7 @@ class Planner:
             self.skipped.append({"version": new.key, "reason": f"{kind} job {job_id} (same parents) was already merged "
                                  f"as {', '.join(r.uri for r in done)}"})
             return None
-        mine, record = self.ledger.claim_job(job_id, self.dag_run, [p.key for p in parents])
-        if not mine:
-            self.skipped.append({"version": new.key, "reason": f"{kind} job {job_id} (same parents) is planned by "
-                                 f"DAG run {record.get('dag_run')}"})
-            return None
+        # everything that can be checked is checked before the claim: a claim is only written for a job that can run
         suites_by_domain = self.params.evaluate.suites
         domains = sorted({p.domain for p in parents})
         missing = [d for d in domains if d not in suites_by_domain]
@@ -226,6 +258,12 @@ class Planner:
         base_ref = reg.resolve_uri(self.client, base_uri)
         if base_ref.sha256 != base_sha:
             raise SarmergeError(f"{new.uri}: its base {base_uri} now has sha256 {base_ref.sha256}, tag says {base_sha}")
+        mine, record = self.ledger.claim_job(job_id, self.dag_run, [p.key for p in parents])
+        if not mine:
+            self.skipped.append({"version": new.key, "reason": f"{kind} job {job_id} (same parents) is planned by "
+                                 f"DAG run {record.get('dag_run')}"})
+            return None
+        self._claimed_jobs.append(job_id)
         names = {p.key: dir_name(p) for p in parents}
         job = JobCfg(id=job_id, family=fam.name, inputs="inputs", out="out", base="base",
                      parents={names[p.key]: JobParent(domain=p.domain, model=p.uri) for p in parents},
@@ -248,6 +286,26 @@ class Planner:
         return planned
 
     def plan(self, events: list[tuple[str, str]]) -> dict[str, Any]:
+        """Claim, pair and prepare workspaces; when it fails, what this call claimed is released before it raises."""
+        try:
+            return self._plan(events)
+        except BaseException as e:
+            self.release_claims(f"plan failed: {e or type(e).__name__}")
+            raise
+
+    def release_claims(self, reason: str) -> None:
+        for job_id in self._claimed_jobs:
+            self.ledger.release_job(job_id, self.dag_run)
+        for ref in self._claimed_versions:
+            if self.ledger.release_version(ref.name, ref.version, self.dag_run, reason):
+                try:  # the tags only mirror the ledger: a registry that is down must not hide the real error
+                    reg.set_tags(self.client, ref, {reg.TAG_STATE: "failed", reg.TAG_REASON: reason[:4000]})
+                except Exception as e:
+                    log.warning("could not mirror the released claim of %s in the registry: %s", ref.key, e)
+        log.info("released %d job and %d version claims: %s", len(self._claimed_jobs), len(self._claimed_versions),
+                 reason)
+
+    def _plan(self, events: list[tuple[str, str]]) -> dict[str, Any]:
         claimed, jobs = [], []
         for ref in self.candidates(events):
             if not self.claim(ref):

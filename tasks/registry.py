@@ -49,6 +49,9 @@ TAG_DVC_REMOTE = "sarmerge.dvc.remote"
 TAG_DAG_RUN = "sarmerge.dag_run"
 TAG_SCORES = "sarmerge.scores"  # JSON suite → score measured at registration (the regression baseline)
 TAG_EVAL = "sarmerge.eval"  # JSON evaluation settings of those scores
+TAG_SANDBOX = "sarmerge.sandbox"  # JSON: mode, isolated, memory_cap, failed probes of the merged model's evaluation
+TAG_SANDBOX_MODE = "sarmerge.sandbox.mode"  # bwrap | rlimits | none (no suite ran code)
+TAG_SANDBOX_ISOLATED = "sarmerge.sandbox.isolated"  # true | false | n/a
 TAG_GATE = "sarmerge.gate"
 TAG_GATE_DETAIL = "sarmerge.gate.detail"
 TAG_REGRESSION = "sarmerge.regression"
@@ -65,10 +68,11 @@ KINDS = ("base", "rlvr", "merged")
 CHECKPOINT_ARTIFACT = "checkpoint"
 DEFAULT_EXPERIMENT = "sarmerge-registry"
 
-_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-_DOMAIN_RE = re.compile(r"^[a-z0-9][a-z0-9_]{0,31}(\+[a-z0-9][a-z0-9_]{0,31})*$")
-_MODEL_URI_RE = re.compile(r"^models:/(?P<name>[^/@#]+)(?:/(?P<version>\d+)|@(?P<alias>[A-Za-z0-9_-]+))$")
-_BASE_TAG_RE = re.compile(r"^(?P<uri>models:/[^#]+)#sha256=(?P<sha>[0-9a-f]{64})$")
+_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+_DOMAIN_RE = re.compile(r"[a-z0-9][a-z0-9_]{0,31}(\+[a-z0-9][a-z0-9_]{0,31}){0,15}")
+_MODEL_URI_RE = re.compile(r"models:/(?P<name>[^/@#]+)"
+                           r"(?:/(?P<version>[1-9][0-9]{0,9})|@(?P<alias>[A-Za-z0-9_-]{1,255}))")
+_BASE_TAG_RE = re.compile(r"(?P<uri>models:/[^#]+)#sha256=(?P<sha>[0-9a-f]{64})")
 # Files that define a checkpoint's content; README/merge_manifest carry timestamps and are left out of the digest.
 # = (*sarmerge.checkpoint.AUX_FILES, INDEX_FILE), spelled out because importing that module imports torch (3 s)
 # and steps that only hit a cache should start fast; tests/test_pipeline_registry.py keeps the two in step.
@@ -88,9 +92,26 @@ _CONTENT_FILES = (
 )
 
 
+# Validation is always re.fullmatch over ASCII classes: re.match with `$` accepts a trailing newline, and \d or
+# str.isdigit() accept digits int() rejects ('²') or other scripts' digits.
+_VERSION_RE = re.compile(r"[1-9][0-9]{0,9}")
+
+
+def is_valid_name(name: object) -> bool:
+    return isinstance(name, str) and _NAME_RE.fullmatch(name) is not None and ".." not in name
+
+
+def validate_version(version: object, what: str = "model version") -> str:
+    """A registry version number as a string: 1-10 ASCII digits, no sign, no leading zero."""
+    text = str(version)
+    if isinstance(version, bool) or not _VERSION_RE.fullmatch(text):
+        raise SarmergeError(f"{what} {text!r}: expected a version number (1, 2, …)")
+    return text
+
+
 def validate_name(name: str, what: str = "--name") -> str:
     """Registry names reach file paths and URLs: allow only a safe alphabet (no '/', no '..')."""
-    if not isinstance(name, str) or not _NAME_RE.match(name) or ".." in name:
+    if not is_valid_name(name):
         raise SarmergeError(
             f"{what} {name!r}: model names must be 1-128 characters of letters, digits, '.', '_' or '-', "
             "starting with a letter or digit, without '..'"
@@ -99,9 +120,27 @@ def validate_name(name: str, what: str = "--name") -> str:
 
 
 def validate_domain(domain: str, what: str = "--domain") -> str:
-    if not isinstance(domain, str) or not _DOMAIN_RE.match(domain):
+    if not isinstance(domain, str) or not _DOMAIN_RE.fullmatch(domain):
         raise SarmergeError(f"{what} {domain!r}: domains are lowercase words like 'math' or 'code' (a-z, 0-9, _)")
     return domain
+
+
+_SECRET_QUERY_KEY = re.compile(r"(?i).*(token|pass|secret|sig|signature|key|credential|auth|session).*")
+
+
+def strip_credentials(url: str) -> str:
+    """A URL fit to be recorded (tags, descriptions, committed files, logs): without userinfo and without query
+    parameters that look like credentials. `s3://KEY:SECRET@bucket/p` → `s3://bucket/p`, `https://u:pw@host/x` →
+    `https://host/x`; scp-like `user:pw@host:path` → `host:path`; plain paths are returned unchanged."""
+    from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+    if "://" not in url:
+        return re.sub(r"^[^@/]*:[^@/]*@", "", url)  # `git@host:repo` keeps its (non-secret) user
+    parts = urlsplit(url)
+    netloc = parts.netloc.rpartition("@")[2]
+    query = urlencode([(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+                       if not _SECRET_QUERY_KEY.fullmatch(k)])
+    return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
 def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
@@ -190,7 +229,7 @@ def base_tag(uri: str, sha256: str) -> str:
 
 
 def parse_base_tag(tag: str) -> tuple[str, str]:
-    m = _BASE_TAG_RE.match(tag or "")
+    m = _BASE_TAG_RE.fullmatch(tag or "")
     if not m:
         raise SarmergeError(f"tag {TAG_BASE}={tag!r}: expected 'models:/NAME/VERSION#sha256=<64 hex digits>'")
     return m["uri"], m["sha"]
@@ -198,7 +237,7 @@ def parse_base_tag(tag: str) -> tuple[str, str]:
 
 def parse_model_uri(uri: str) -> tuple[str, str | None, str | None]:
     """`models:/NAME/VERSION` or `models:/NAME@ALIAS` → (name, version, alias)."""
-    m = _MODEL_URI_RE.match(uri or "")
+    m = _MODEL_URI_RE.fullmatch(uri or "")
     if not m:
         raise SarmergeError(f"{uri!r}: expected a registry URI like models:/NAME/VERSION or models:/NAME@ALIAS")
     validate_name(m["name"], "model name")
