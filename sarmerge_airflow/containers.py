@@ -9,6 +9,15 @@ plus `containers.gpu_tasks`). Both runners give the container what the local run
 - a cache folder at /cache (HF_HOME, XDG_CACHE_HOME, MPLCONFIGDIR);
 - the worker's MLflow settings (`containers.pass_env`, forwarded at task start, never stored in the DAG).
 
+Credentials never become plain values of a pod spec or of the serialized DAG (SPEC §11): on Kubernetes, the
+credential-like names of `containers.pass_env` (MLFLOW_TRACKING_TOKEN, MLFLOW_TRACKING_PASSWORD, AWS_*, …:
+tasks.containers.is_secret_env) are `secretKeyRef`s into the Secret `containers.kubernetes.secret_name` (one key per
+variable, optional), and a credential-like name in `containers.env`/`task_env` is refused; on Docker they travel as
+the operator's private environment. With `containers.sandbox: isolated` (the default) the containers get what
+bubblewrap needs to isolate model-written code: Docker `security_opt` seccomp/apparmor/systempaths unconfined (no
+capability added), Kubernetes a user-namespaced pod (`hostUsers: false`) whose step container has Unconfined
+seccomp and AppArmor profiles, an unmasked /proc, no privilege escalation and no capabilities.
+
 GPU steps request GPUs: Docker `device_requests` (`--gpus N`), Kubernetes `nvidia.com/gpu` limits with the GPU node
 selector and tolerations. Configuration errors are caught when the DAG is parsed (unknown runner, empty image, a
 malformed setting) or when the task starts (no Docker socket, image absent), each naming the setting to fix.
@@ -25,7 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from tasks.containers import ContainersCfg
+from tasks.containers import DOCKER_SANDBOX_SECURITY_OPT, ContainersCfg, is_secret_env
 from tasks.params import Params, params_path
 
 RESULT_PREFIX = "SARMERGE_RESULT "  # = tasks.common.RESULT_PREFIX (not imported: that module pulls in sarmerge)
@@ -92,6 +101,12 @@ def forwarded_env(names: Sequence[str]) -> dict[str, str]:
     return {k: os.environ[k] for k in names if k in os.environ}
 
 
+def split_secret_env(env: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """(plain variables, credential-like ones)."""
+    plain = {k: v for k, v in env.items() if not is_secret_env(k)}
+    return plain, {k: v for k, v in env.items() if is_secret_env(k)}
+
+
 # -- docker ------------------------------------------------------------------------------------------------------------
 def docker_url(params: Params) -> str:
     url = params.containers.docker.resolved_url
@@ -121,11 +136,15 @@ def docker_kwargs(params: Params, *, task_id: str, gpu: bool) -> dict[str, Any]:
     """DockerOperator keyword arguments of one step, from `containers:` (validated here, at DAG parse time)."""
     cfg = params.containers
     gpu = is_gpu_step(cfg, task_id, gpu)
+    # credentials of containers.env go in the private environment: not a template field, not in the DAG's record
+    environment, private = split_secret_env(step_environment(params, task_id, str(params_path().resolve())))
     kwargs: dict[str, Any] = {
         "image": step_image(cfg, gpu, "docker"),
         "docker_url": docker_url(params),
         "mounts": docker_mounts(params),
-        "environment": step_environment(params, task_id, str(params_path().resolve())),
+        "environment": environment,
+        "private_environment": private,
+        "security_opt": list(DOCKER_SANDBOX_SECURITY_OPT) if cfg.sandbox == "isolated" else [],
         "pass_env": list(cfg.pass_env),
         "run_as": cfg.docker.user,
         "pull": cfg.docker.pull,
@@ -195,7 +214,14 @@ def kubernetes_kwargs(params: Params, *, task_id: str, gpu: bool) -> dict[str, A
     limits = dict(quantities)
     if gpu and cfg.gpus_per_step:
         limits["nvidia.com/gpu"] = str(cfg.gpus_per_step)
-    env = [k8s.V1EnvVar(name=k, value=v) for k, v in step_environment(params, task_id, params_file).items()]
+    plain, secret = split_secret_env(step_environment(params, task_id, params_file))
+    if secret:
+        raise ContainerConfigError(
+            f"containers.env / containers.task_env: {sorted(secret)} look like credentials, and a pod spec shows its "
+            f"values to anyone who can read pods. Put them in the Kubernetes Secret containers.kubernetes.secret_name "
+            f"({kc.secret_name or 'unset'}) under those keys and list them in containers.pass_env, or name them in "
+            f"containers.kubernetes.secrets")
+    env = [k8s.V1EnvVar(name=k, value=v) for k, v in plain.items()]
     env_from = []
     for s in kc.secrets:
         if s.env:
@@ -203,6 +229,21 @@ def kubernetes_kwargs(params: Params, *, task_id: str, gpu: bool) -> dict[str, A
                 secret_key_ref=k8s.V1SecretKeySelector(name=s.secret, key=s.key))))
         else:
             env_from.append(k8s.V1EnvFromSource(secret_ref=k8s.V1SecretEnvSource(name=s.secret)))
+    # the worker's credentials are not copied into the pod: the pod reads them from the Secret (absent keys: unset)
+    present = {e.name for e in env}
+    secret_pass = [n for n in cfg.pass_env if is_secret_env(n)]
+    if kc.secret_name:
+        env += [k8s.V1EnvVar(name=n, value_from=k8s.V1EnvVarSource(secret_key_ref=k8s.V1SecretKeySelector(
+                    name=kc.secret_name, key=n, optional=True))) for n in secret_pass if n not in present]
+    isolated = cfg.sandbox == "isolated"
+    container_security = k8s.V1SecurityContext(
+        allow_privilege_escalation=False, capabilities=k8s.V1Capabilities(drop=["ALL"]),
+        run_as_non_root=kc.run_as_user != 0,
+        # bubblewrap's namespaces and mounts (sarmerge/evaluate/sandbox.py): the runtime's default seccomp and
+        # AppArmor profiles refuse unshare/mount, and a masked /proc cannot be mounted afresh inside the sandbox
+        seccomp_profile=k8s.V1SeccompProfile(type="Unconfined" if isolated else "RuntimeDefault"),
+        app_armor_profile=k8s.V1AppArmorProfile(type="Unconfined") if isolated else None,
+        proc_mount="Unmasked" if isolated else None)
     tolerations = [k8s.V1Toleration(**t.model_dump(exclude_none=True))
                    for t in [*kc.tolerations, *(kc.gpu_tolerations if gpu else [])]]
     node_selector = {**kc.node_selector, **(kc.gpu_node_selector if gpu else {})}
@@ -213,7 +254,10 @@ def kubernetes_kwargs(params: Params, *, task_id: str, gpu: bool) -> dict[str, A
         "cmds": [STEP_ENTRYPOINT],
         "env_vars": env,
         "env_from": env_from,
-        "pass_env": list(cfg.pass_env),
+        "pass_env": [n for n in cfg.pass_env if not is_secret_env(n)],
+        # a pod of its own user namespace: root or capabilities inside it are nobody on the node
+        "host_users": False if isolated else None,
+        "container_security_context": container_security,
         "volumes": volumes,
         "volume_mounts": mounts,
         "container_resources": k8s.V1ResourceRequirements(requests=quantities, limits=limits),

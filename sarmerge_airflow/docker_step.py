@@ -27,7 +27,7 @@ class StepDockerOperator(DockerOperator):
     def __init__(self, *, module: str, args: Sequence[Any] = (), prefix: Sequence[str] = (),
                  suffix: Sequence[Any] = (), push_keys: bool = False, pass_env: Sequence[str] = (),
                  run_as: str = "worker", pull: str = "missing", gpus: int = 0, gpu_step: bool = False,
-                 **kwargs: Any) -> None:
+                 security_opt: Sequence[str] = (), **kwargs: Any) -> None:
         if gpus:
             # `docker run --gpus N`: the NVIDIA container toolkit on the Docker host maps N GPUs in
             kwargs["device_requests"] = [DeviceRequest(count=gpus, capabilities=[["gpu"]])]
@@ -35,7 +35,7 @@ class StepDockerOperator(DockerOperator):
         super().__init__(**kwargs)
         self.module, self.args, self.prefix, self.suffix = module, list(args), list(prefix), list(suffix)
         self.push_keys, self.pass_env, self.run_as, self.pull = push_keys, list(pass_env), run_as, pull
-        self.gpus, self.gpu_step = gpus, gpu_step
+        self.gpus, self.gpu_step, self.security_opt = gpus, gpu_step, list(security_opt)
 
     def step_command(self) -> list[str]:
         return [STEP_ENTRYPOINT, self.module, *map(str, self.prefix), *map(str, self.args), *map(str, self.suffix)]
@@ -76,6 +76,18 @@ class StepDockerOperator(DockerOperator):
         if not self.cli.images(name=self.image):
             raise AirflowFailException(f"{setting} = {self.image!r}: the pull did not produce the image")
 
+    def _add_security_opt(self) -> None:
+        """DockerOperator has no security_opt argument: add it to the host config it builds (the sandbox's needs)."""
+        if not self.security_opt:
+            return
+        cli = self.cli
+        build_host_config = cli.create_host_config
+
+        def with_security_opt(*args: Any, **kwargs: Any) -> Any:
+            return build_host_config(*args, **{**kwargs, "security_opt": list(self.security_opt)})
+
+        cli.create_host_config = with_security_opt
+
     # -- run ---------------------------------------------------------------------------------------------------------
     def execute(self, context: Any) -> Any:
         self.command = self.step_command()
@@ -90,6 +102,7 @@ class StepDockerOperator(DockerOperator):
                 if source and not Path(source).exists():
                     Path(source).mkdir(parents=True, exist_ok=True)
         self._ensure_image()
+        self._add_security_opt()
         self.log.info("running %s in %s", " ".join(self.command), self.image)
         try:
             lines = self._run_image() or []

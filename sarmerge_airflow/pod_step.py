@@ -13,7 +13,7 @@ from typing import Any
 from airflow.providers.cncf.kubernetes.operators.pod import KubernetesPodOperator
 from kubernetes.client import models as k8s
 
-from sarmerge_airflow.containers import forwarded_env
+from sarmerge_airflow.containers import forwarded_env, split_secret_env
 
 
 class StepPodOperator(KubernetesPodOperator):
@@ -22,10 +22,10 @@ class StepPodOperator(KubernetesPodOperator):
 
     def __init__(self, *, module: str, args: Sequence[Any] = (), prefix: Sequence[str] = (),
                  suffix: Sequence[Any] = (), push_keys: bool = False, pass_env: Sequence[str] = (),
-                 **kwargs: Any) -> None:
+                 host_users: bool | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.module, self.args, self.prefix, self.suffix = module, list(args), list(prefix), list(suffix)
-        self.push_keys, self.pass_env = push_keys, list(pass_env)
+        self.push_keys, self.pass_env, self.host_users = push_keys, list(pass_env), host_users
 
     def step_arguments(self) -> list[str]:
         return [self.module, *map(str, self.prefix), *map(str, self.args), *map(str, self.suffix)]
@@ -34,10 +34,14 @@ class StepPodOperator(KubernetesPodOperator):
         self.arguments = self.step_arguments()
         if not dry_run:  # the worker's MLflow endpoint and the like, read at task start
             present = {e.name for e in self.env_vars or [] if isinstance(e, k8s.V1EnvVar)}
+            # never a credential as a plain value (those come from the Secret: sarmerge_airflow/containers.py)
+            plain, _ = split_secret_env(forwarded_env(self.pass_env))
             self.env_vars = [*(self.env_vars or []),
-                             *(k8s.V1EnvVar(name=k, value=v) for k, v in forwarded_env(self.pass_env).items()
-                               if k not in present)]
-        return super().build_pod_request_obj(context, dry_run=dry_run)
+                             *(k8s.V1EnvVar(name=k, value=v) for k, v in plain.items() if k not in present)]
+        pod = super().build_pod_request_obj(context, dry_run=dry_run)
+        if self.host_users is not None:
+            pod.spec.host_users = self.host_users
+        return pod
 
     def execute(self, context: Any) -> Any:
         result = super().execute(context)

@@ -15,8 +15,21 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-_QUANTITY = re.compile(r"^[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?$")
-_ENV_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+_QUANTITY = re.compile(r"[0-9]+(\.[0-9]+)?(m|k|Ki|Mi|Gi|Ti|M|G|T)?")
+_ENV_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Variables whose values are credentials: never a plain value in a pod spec, a serialized DAG or a committed file.
+# Matched on `_`-separated words (TOKENIZERS_PARALLELISM is no token); every AWS_*/AZURE_* variable counts.
+_SECRET_ENV = re.compile(r"(?i)(?:.*_)?(?:PASSWORD|PASSWD|PASS|TOKEN|SECRET|CREDENTIALS?|API_?KEY|ACCESS_KEY|"
+                         r"PRIVATE_KEY|AUTH|AUTHORIZATION)(?:_.*)?|AWS_.*|AZURE_.*|GOOGLE_APPLICATION_CREDENTIALS")
+# What bubblewrap (`bwrap --unshare-all`, sarmerge/evaluate/sandbox.py) needs inside a container: Docker's default
+# seccomp profile refuses unshare(CLONE_NEWUSER) and mount(), its AppArmor profile refuses mount(), and its masked
+# /proc paths make mounting a fresh /proc in the sandbox fail. No capability is added: bwrap runs unprivileged, in a
+# user namespace of its own, and drops every capability before the program starts.
+DOCKER_SANDBOX_SECURITY_OPT = ("seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined")
+
+
+def is_secret_env(name: str) -> bool:
+    return _SECRET_ENV.fullmatch(name) is not None
 
 
 class _Strict(BaseModel):
@@ -25,7 +38,7 @@ class _Strict(BaseModel):
 
 def _check_env_names(names: list[str] | dict[str, str]) -> None:
     for name in names:
-        if not _ENV_NAME.match(name):
+        if not _ENV_NAME.fullmatch(name):
             raise ValueError(f"{name!r} is not an environment variable name")
 
 
@@ -95,7 +108,7 @@ class Resources(_Strict):
     @field_validator("cpu", "memory")
     @classmethod
     def _quantity(cls, v: str) -> str:
-        if not _QUANTITY.match(str(v)):
+        if not _QUANTITY.fullmatch(str(v)):
             raise ValueError(f"{v!r} is not a Kubernetes quantity (e.g. 2, 500m, 8Gi)")
         return str(v)
 
@@ -123,6 +136,11 @@ class KubernetesCfg(_Strict):
     gpu_resources: Resources = Field(default_factory=lambda: Resources(cpu="8", memory="64Gi"))
     secrets: list[SecretEnv] = Field(default_factory=list, description="environment from Kubernetes secrets "
                                                                        "(MLflow credentials, S3 keys for DVC)")
+    secret_name: str = Field("sarmerge-credentials", pattern=r"^[a-z0-9]([-a-z0-9.]*[a-z0-9])?$|^$",
+                             description="Secret holding the credentials among containers.pass_env (MLFLOW_TRACKING_"
+                                         "TOKEN, MLFLOW_TRACKING_PASSWORD, AWS_*, …), one key per variable name: pods "
+                                         "reference it (secretKeyRef, optional) instead of receiving the worker's "
+                                         "values; empty: such variables are not passed to pods at all")
     image_pull_secrets: list[str] = Field(default_factory=list)
     startup_timeout_s: int = Field(600, gt=0, description="pod scheduling + image pull allowance")
     labels: dict[str, str] = Field(default_factory=dict)
@@ -147,6 +165,12 @@ class ContainersCfg(_Strict):
                                  "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN", "SARMERGE_THREADS",
                                  "OMP_NUM_THREADS", "SARMERGE_VERBOSE"],
         description="worker environment variables forwarded to the steps when set (private: not shown in the UI)")
+    sandbox: Literal["isolated", "runtime-default"] = Field(
+        "isolated", description="isolated: the step containers get what bubblewrap needs to isolate model-written "
+                                "code (docker: security_opt seccomp/apparmor/systempaths unconfined; kubernetes: a "
+                                "user-namespaced pod, hostUsers false, Unconfined seccomp/AppArmor, unmasked /proc); "
+                                "runtime-default: the runtime's defaults, where the sandbox cannot isolate and code "
+                                "suites refuse to run unless evaluate.allow_unisolated")
     docker: DockerCfg = Field(default_factory=DockerCfg)
     kubernetes: KubernetesCfg = Field(default_factory=KubernetesCfg)
 

@@ -61,6 +61,29 @@ def scores(summary: dict[str, Any]) -> dict[str, float]:
     return out
 
 
+def sandbox_record(summary: dict[str, Any]) -> dict[str, Any] | None:
+    """The isolation model-written code was scored under (the summary's `sandbox`: each field a probe's outcome), in
+    the compact form the pipeline records on MLflow versions; None when no suite ran code."""
+    sandbox = summary.get("sandbox")
+    if not isinstance(sandbox, dict):
+        return None
+    probes = {k: v for k, v in sandbox.items() if isinstance(v, bool) and k != "isolated"}
+    return {"mode": str(sandbox.get("mode", "unknown")), "isolated": sandbox.get("isolated") is True,
+            "memory_cap": str(sandbox.get("memory_cap", "")), "missing": sorted(k for k, v in probes.items() if not v)}
+
+
+def describe_sandbox(record: dict[str, Any] | None) -> str:
+    """One Markdown line for a version description."""
+    if record is None:
+        return "**Sandbox**: no suite ran model-written code."
+    if record["isolated"]:
+        return (f"**Sandbox**: `{record['mode']}`, fully isolated (every probe held; memory cap "
+                f"{record['memory_cap'] or 'unknown'}).")
+    failed = ", ".join(record["missing"]) or "-"
+    return (f"**Sandbox**: `{record['mode']}`, **NOT isolated** (failed probes: {failed}); code suites were scored "
+            "only because evaluate.allow_unisolated allowed it.")
+
+
 def evaluate_model(ws: Workspace, rel: str) -> dict[str, Any]:
     kind, _, name = rel.partition("/")
     if kind == "merged":

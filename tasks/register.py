@@ -22,6 +22,7 @@ from typing import Any
 from sarmerge.errors import SarmergeError
 from tasks import registry as reg
 from tasks.common import emit_result, fault_point, setup_logging
+from tasks.params import Params, load_params
 
 log = logging.getLogger(__name__)
 CALIB_ARTIFACT = "calibration.jsonl"
@@ -108,14 +109,24 @@ def _log_checkpoint_run(client: Any, experiment_id: str, path: Path, digest: str
 def register_checkpoint(path: str | Path, *, name: str, domain: str, kind: str = "rlvr", base: str | None = None,
                         base_name: str | None = None, calib: str | Path | None = None, description: str | None = None,
                         tracking_uri: str | None = None, experiment: str = reg.DEFAULT_EXPERIMENT,
-                        client: Any = None) -> tuple[reg.ModelRef, bool]:
-    """Register a checkpoint; returns (version, created). Same content already registered → (that version, False)."""
+                        client: Any = None, params: Params | None = None) -> tuple[reg.ModelRef, bool]:
+    """Register a checkpoint; returns (version, created). Same content already registered → (that version, False).
+
+    An rlvr checkpoint's domain must have a suite in the pipeline's params (`params`, else $SARMERGE_PARAMS or the
+    repo's params.yaml): the pipeline could never evaluate a merge of it."""
     path = Path(path)
     reg.validate_name(name)
     if kind not in reg.KINDS or kind == "merged":
         raise SarmergeError(f"--kind {kind!r}: use rlvr (a trained checkpoint) or base (the model they start from); "
                             "merged versions are registered by the pipeline")
     domain = reg.validate_domain(domain if kind == "rlvr" else (domain or "base"))
+    if kind == "rlvr":
+        params = params or load_params()
+        suites = params.evaluate.suites
+        if domain not in suites:
+            raise SarmergeError(f"--domain {domain!r}: params.yaml evaluate.suites has no suite for it (configured: "
+                                f"{', '.join(sorted(suites))}); the pipeline could not evaluate its merges. Add "
+                                f"`{domain}: <suite>` there first, or pick one of those domains")
     if kind == "rlvr" and not base:
         raise SarmergeError("--base is required for an rlvr checkpoint (models:/NAME/VERSION, models:/NAME@ALIAS, "
                             "or the base checkpoint's directory)")
@@ -185,7 +196,8 @@ def register_merged(workspace: str | Path, *, dag_run: str = "", client: Any = N
 
     Idempotent: a version whose `sarmerge.merge_key` already exists is returned as is."""
     from tasks import evidence
-    from tasks.evaluate import eval_settings
+    from tasks.common import read_json
+    from tasks.evaluate import SUMMARY, describe_sandbox, eval_settings, sandbox_record
     from tasks.workspace import Workspace
 
     ws = Workspace.open(workspace)
@@ -210,6 +222,8 @@ def register_merged(workspace: str | Path, *, dag_run: str = "", client: Any = N
             log.info("merge %s of job %s is already registered as %s", method, job.id, ref.uri)
         else:
             digest = reg.content_digest(merged_dir)
+            summary_file = ws.eval_dir(f"merged/{method}") / SUMMARY
+            sandbox = sandbox_record(read_json(summary_file)) if summary_file.is_file() else None
             tags = {
                 reg.TAG_KIND: "merged",
                 reg.TAG_DOMAIN: "+".join(sorted({p.domain for p in job.parents.values()})),
@@ -221,13 +235,18 @@ def register_merged(workspace: str | Path, *, dag_run: str = "", client: Any = N
                                                       "seed": params.merge.seed}),
                 reg.TAG_JOB: job.id,
                 reg.TAG_MERGE_KEY: merge_key,
-                reg.TAG_DVC_REPO: dvc_info["repo"],
+                # stripped again: a workspace committed before URLs were recorded stripped
+                reg.TAG_DVC_REPO: reg.strip_credentials(dvc_info["repo"]),
                 reg.TAG_DVC_REV: dvc_info["rev"],
-                reg.TAG_DVC_REMOTE: dvc_info["remote"],
+                reg.TAG_DVC_REMOTE: reg.strip_credentials(dvc_info["remote"]),
                 reg.TAG_DAG_RUN: dag_run,
                 reg.TAG_SCORES: json.dumps(ev.scores, sort_keys=True),
                 reg.TAG_EVAL: json.dumps(eval_settings(params.evaluate, job.suites), sort_keys=True),
                 **{f"sarmerge.score.{reg.safe_key(s)}": f"{v:.4f}" for s, v in ev.scores.items()},
+                # how isolated the code its scores rest on ran (SPEC §11): visible where the version is judged
+                reg.TAG_SANDBOX: json.dumps(sandbox, sort_keys=True),
+                reg.TAG_SANDBOX_MODE: sandbox["mode"] if sandbox else "none",
+                reg.TAG_SANDBOX_ISOLATED: "n/a" if sandbox is None else str(sandbox["isolated"]).lower(),
             }
             run_id = _log_checkpoint_run(
                 client, experiment_id, merged_dir, digest, run_name=f"{family.name}-{method}-{job.id[:8]}",
@@ -242,7 +261,8 @@ def register_merged(workspace: str | Path, *, dag_run: str = "", client: Any = N
                 reuse_tag=reg.TAG_MERGE_KEY,
             )
             mv = client.create_model_version(family.merged_model, f"runs:/{run_id}/{reg.CHECKPOINT_ARTIFACT}",
-                                             run_id=run_id, tags=tags, description=ev.description)
+                                             run_id=run_id, tags=tags,
+                                             description=f"{ev.description}\n\n{describe_sandbox(sandbox)}")
             ref = reg.ModelRef.from_version(mv)
             log.info("registered %s (%s, job %s)", ref.uri, method, job.id)
             fault_point("register.after_version")

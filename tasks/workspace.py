@@ -14,6 +14,12 @@ The DAG's steps run the exact commands of the `dvc.yaml` stages (`python -m task
 where Airflow maps them; `commit` then records every stage in `dvc.lock` (`dvc commit`, one DVC call per job), pushes
 the data to the DVC remote and the workspace to the lineage git repository under `jobs/<job id>`. Cloning that commit
 and running `dvc pull` (or `dvc repro`) gives the merged weights back bit for bit.
+
+Nothing committed holds a secret (SPEC §11): the workspace's params.yaml is the pipeline's with credential-like
+`containers.env`/`task_env` values replaced and the DVC/lineage URLs stripped of credentials
+(tasks.registry.strip_credentials); a URL's credentials live only in untracked repository config — the DVC remote's in
+`.dvc/config.local`, the lineage remote's in `.git/config` (remote `lineage`) — and what is recorded (tmp/dvc.json,
+then MLflow tags and descriptions) is the stripped URL.
 """
 
 from __future__ import annotations
@@ -31,11 +37,15 @@ import yaml
 
 from sarmerge.errors import SarmergeError
 from tasks.common import fault_point, read_json, run, step_main, write_json_atomic
+from tasks.containers import is_secret_env
 from tasks.params import REPO_ROOT, JobCfg, Params, dump_params, load_params, parse_params
+from tasks.registry import strip_credentials
 
 log = logging.getLogger(__name__)
 WORKSPACE_STAGES = ("fisher", "merge", "evaluate", "evaluate_inputs", "analyze")
 GIT_IDENTITY = ["-c", "user.name=sarmerge pipeline", "-c", "user.email=pipeline@sarmerge.invalid"]
+LINEAGE_REMOTE = "lineage"
+REDACTED = "<redacted: comes from the worker's environment>"
 
 
 def dvc(*args: str, cwd: Path, what: str = "dvc") -> str:
@@ -65,6 +75,23 @@ def lineage_remote(params: Params) -> str:
 
 def dvc_remote(params: Params) -> str:
     return params.dvc.remote or str(params.root / "dvc-remote")
+
+
+def committed_params(params: Params) -> Params:
+    """The params as committed into a workspace: credentials out (values of credential-like variables, userinfo and
+    secret query parameters of URLs)."""
+    out = params.model_copy(deep=True)
+    c = out.containers
+    c.env = {k: REDACTED if is_secret_env(k) else v for k, v in c.env.items()}
+    c.task_env = {t: {k: REDACTED if is_secret_env(k) else v for k, v in env.items()} for t, env in c.task_env.items()}
+    out.dvc.remote = strip_credentials(out.dvc.remote)
+    out.dvc.git_remote = strip_credentials(out.dvc.git_remote)
+    return out
+
+
+def _without(text: str, url: str) -> str:
+    """An error message fit to log: a credential-carrying URL in it replaced by its stripped form."""
+    return text.replace(url, strip_credentials(url)) if url else text
 
 
 def _ensure_bare_repo(url: str) -> None:
@@ -107,7 +134,8 @@ class Workspace:
         tmp = path.parent / f".{path.name}.partial-{os.getpid()}"
         tmp.mkdir()
         try:
-            job_params = parse_params({**params.model_dump(mode="json"), "job": job.model_dump(mode="json")})
+            job_params = parse_params({**committed_params(params).model_dump(mode="json"),
+                                       "job": job.model_dump(mode="json")})
             header = "# Written by tasks/plan.py for one merge job; `dvc repro` here reproduces it.\n"
             (tmp / "params.yaml").write_text(header + dump_params(job_params))
             (tmp / "dvc.yaml").write_text(workspace_dvc_yaml())
@@ -116,13 +144,21 @@ class Workspace:
             (tmp / "tmp").mkdir()
             populate(tmp / job.inputs)
             git("init", "-q", "-b", "main", cwd=tmp)
+            # the lineage URL as given (credentials included) lives in .git/config, which is never pushed
+            git("remote", "add", LINEAGE_REMOTE, lineage_remote(params), cwd=tmp)
             dvc("init", "-q", cwd=tmp)
             (tmp / ".dvcignore").write_text("/tmp/\n")
             # a shared cache across workspaces (content-addressed, written atomically), linked not copied
             dvc("config", "cache.dir", str(params.root / "dvc-cache"), cwd=tmp)
             dvc("config", "cache.type", "hardlink,symlink", cwd=tmp)
             dvc("config", "cache.shared", "group", cwd=tmp)
-            dvc("remote", "add", "-d", "-f", "storage", dvc_remote(params), cwd=tmp)
+            remote_url = dvc_remote(params)
+            dvc("remote", "add", "-d", "-f", "storage", strip_credentials(remote_url), cwd=tmp)
+            if strip_credentials(remote_url) != remote_url:  # .dvc/config.local: git-ignored by DVC itself
+                try:
+                    dvc("remote", "modify", "--local", "storage", "url", remote_url, cwd=tmp)
+                except SarmergeError as e:
+                    raise SarmergeError(_without(str(e), remote_url)) from None
             dvc("config", "core.analytics", "false", cwd=tmp)
             dvc("add", "-q", job.inputs, cwd=tmp, what="dvc add inputs")
             git("add", "-A", cwd=tmp)
@@ -186,19 +222,38 @@ class Workspace:
         info_file = self.path / "tmp" / "dvc.json"
         dvc("commit", "-f", "-q", cwd=self.path, what="dvc commit")
         fault_point("commit.after_dvc_commit")
-        dvc("push", "-q", cwd=self.path, what="dvc push")
+        try:
+            dvc("push", "-q", cwd=self.path, what="dvc push")
+        except SarmergeError as e:
+            raise SarmergeError(_without(str(e), self._local_dvc_url())) from None
         git("add", "-A", cwd=self.path)
         if git("status", "--porcelain", cwd=self.path):
             git("commit", "-q", "-m", f"job {self.job.id}: outputs of every stage (dvc.lock)", cwd=self.path)
         rev = git("rev-parse", "HEAD", cwd=self.path)
-        remote = lineage_remote(self.params)
+        remotes = git("remote", cwd=self.path).split()
+        # a workspace made before the `lineage` remote existed pushes to the URL of its params
+        remote = git("remote", "get-url", LINEAGE_REMOTE, cwd=self.path) if LINEAGE_REMOTE in remotes \
+            else lineage_remote(self.params)
         _ensure_bare_repo(remote)
         branch = f"jobs/{self.job.id}"
         # the branch belongs to this job alone; --force lets a retry replace an identical-content earlier commit
-        git("push", "-q", "--force", remote, f"HEAD:refs/heads/{branch}", cwd=self.path)
-        info = {"repo": remote, "rev": rev, "branch": branch, "remote": dvc_remote(self.params)}
+        try:
+            git("push", "-q", "--force", LINEAGE_REMOTE if LINEAGE_REMOTE in remotes else remote,
+                f"HEAD:refs/heads/{branch}", cwd=self.path)
+        except SarmergeError as e:
+            raise SarmergeError(_without(str(e), remote)) from None
+        info = {"repo": strip_credentials(remote), "rev": rev, "branch": branch,
+                "remote": strip_credentials(dvc_remote(self.params))}
         write_json_atomic(info_file, info)
         return info
+
+    def _local_dvc_url(self) -> str:
+        """The DVC remote URL with credentials (.dvc/config.local), or ''."""
+        import configparser
+
+        config = configparser.ConfigParser()
+        config.read(self.path / ".dvc" / "config.local")
+        return config.get("'remote \"storage\"'", "url", fallback="")
 
     def dvc_info(self) -> dict[str, str]:
         f = self.path / "tmp" / "dvc.json"
