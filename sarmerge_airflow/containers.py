@@ -14,9 +14,10 @@ credential-like names of `containers.pass_env` (MLFLOW_TRACKING_TOKEN, MLFLOW_TR
 tasks.containers.is_secret_env) are `secretKeyRef`s into the Secret `containers.kubernetes.secret_name` (one key per
 variable, optional), and a credential-like name in `containers.env`/`task_env` is refused; on Docker they travel as
 the operator's private environment. With `containers.sandbox: isolated` (the default) the containers get what
-bubblewrap needs to isolate model-written code: Docker `security_opt` seccomp/apparmor/systempaths unconfined (no
-capability added), Kubernetes a user-namespaced pod (`hostUsers: false`) whose step container has Unconfined
-seccomp and AppArmor profiles, an unmasked /proc, no privilege escalation and no capabilities.
+bubblewrap needs to isolate model-written code: Docker `security_opt` seccomp/apparmor unconfined and an unmasked
+/proc (`systempaths=unconfined`; no capability added), Kubernetes a user-namespaced pod (`hostUsers: false`) whose
+step container has Unconfined seccomp and AppArmor profiles, an unmasked /proc, no privilege escalation and no
+capabilities.
 
 GPU steps request GPUs: Docker `device_requests` (`--gpus N`), Kubernetes `nvidia.com/gpu` limits with the GPU node
 selector and tolerations. Configuration errors are caught when the DAG is parsed (unknown runner, empty image, a
@@ -145,6 +146,7 @@ def docker_kwargs(params: Params, *, task_id: str, gpu: bool) -> dict[str, Any]:
         "environment": environment,
         "private_environment": private,
         "security_opt": list(DOCKER_SANDBOX_SECURITY_OPT) if cfg.sandbox == "isolated" else [],
+        "unmask_proc": cfg.sandbox == "isolated",
         "pass_env": list(cfg.pass_env),
         "run_as": cfg.docker.user,
         "pull": cfg.docker.pull,

@@ -27,7 +27,7 @@ class StepDockerOperator(DockerOperator):
     def __init__(self, *, module: str, args: Sequence[Any] = (), prefix: Sequence[str] = (),
                  suffix: Sequence[Any] = (), push_keys: bool = False, pass_env: Sequence[str] = (),
                  run_as: str = "worker", pull: str = "missing", gpus: int = 0, gpu_step: bool = False,
-                 security_opt: Sequence[str] = (), **kwargs: Any) -> None:
+                 security_opt: Sequence[str] = (), unmask_proc: bool = False, **kwargs: Any) -> None:
         if gpus:
             # `docker run --gpus N`: the NVIDIA container toolkit on the Docker host maps N GPUs in
             kwargs["device_requests"] = [DeviceRequest(count=gpus, capabilities=[["gpu"]])]
@@ -35,7 +35,7 @@ class StepDockerOperator(DockerOperator):
         super().__init__(**kwargs)
         self.module, self.args, self.prefix, self.suffix = module, list(args), list(prefix), list(suffix)
         self.push_keys, self.pass_env, self.run_as, self.pull = push_keys, list(pass_env), run_as, pull
-        self.gpus, self.gpu_step, self.security_opt = gpus, gpu_step, list(security_opt)
+        self.gpus, self.gpu_step, self.security_opt, self.unmask_proc = gpus, gpu_step, list(security_opt), unmask_proc
 
     def step_command(self) -> list[str]:
         return [STEP_ENTRYPOINT, self.module, *map(str, self.prefix), *map(str, self.args), *map(str, self.suffix)]
@@ -77,16 +77,21 @@ class StepDockerOperator(DockerOperator):
             raise AirflowFailException(f"{setting} = {self.image!r}: the pull did not produce the image")
 
     def _add_security_opt(self) -> None:
-        """DockerOperator has no security_opt argument: add it to the host config it builds (the sandbox's needs)."""
-        if not self.security_opt:
+        """DockerOperator has no security_opt argument: add the sandbox's needs (tasks/containers.py) to the host
+        config it builds."""
+        if not self.security_opt and not self.unmask_proc:
             return
         cli = self.cli
-        build_host_config = cli.create_host_config
+        build_host_config = getattr(cli, "_sarmerge_create_host_config", cli.create_host_config)
 
-        def with_security_opt(*args: Any, **kwargs: Any) -> Any:
-            return build_host_config(*args, **{**kwargs, "security_opt": list(self.security_opt)})
+        def with_sandbox_settings(*args: Any, **kwargs: Any) -> Any:
+            host_config = build_host_config(*args, **{**kwargs, "security_opt": list(self.security_opt) or None})
+            if self.unmask_proc:  # what `docker run --security-opt systempaths=unconfined` sends
+                host_config["MaskedPaths"], host_config["ReadonlyPaths"] = [], []
+            return host_config
 
-        cli.create_host_config = with_security_opt
+        cli._sarmerge_create_host_config = build_host_config  # a second execute() wraps the original, not a wrapper
+        cli.create_host_config = with_sandbox_settings
 
     # -- run ---------------------------------------------------------------------------------------------------------
     def execute(self, context: Any) -> Any:

@@ -23,9 +23,10 @@ _SECRET_ENV = re.compile(r"(?i)(?:.*_)?(?:PASSWORD|PASSWD|PASS|TOKEN|SECRET|CRED
                          r"PRIVATE_KEY|AUTH|AUTHORIZATION)(?:_.*)?|AWS_.*|AZURE_.*|GOOGLE_APPLICATION_CREDENTIALS")
 # What bubblewrap (`bwrap --unshare-all`, sarmerge/evaluate/sandbox.py) needs inside a container: Docker's default
 # seccomp profile refuses unshare(CLONE_NEWUSER) and mount(), its AppArmor profile refuses mount(), and its masked
-# /proc paths make mounting a fresh /proc in the sandbox fail. No capability is added: bwrap runs unprivileged, in a
-# user namespace of its own, and drops every capability before the program starts.
-DOCKER_SANDBOX_SECURITY_OPT = ("seccomp=unconfined", "apparmor=unconfined", "systempaths=unconfined")
+# /proc paths make mounting a fresh /proc in the sandbox fail (the API form of `--security-opt systempaths=unconfined`,
+# which the docker CLI translates client-side: empty HostConfig MaskedPaths and ReadonlyPaths). No capability is
+# added: bwrap runs unprivileged, in a user namespace of its own, and drops every capability before the program starts.
+DOCKER_SANDBOX_SECURITY_OPT = ("seccomp=unconfined", "apparmor=unconfined")
 
 
 def is_secret_env(name: str) -> bool:

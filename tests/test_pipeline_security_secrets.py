@@ -173,12 +173,15 @@ def test_docker_step_host_config_carries_the_sandbox_security_options(runner_env
     monkeypatch.setattr(StepDockerOperator, "cli", property(lambda self: client))
     op, _ = docker_operator(make_params("docker", DOCKER))
     op._add_security_opt()
+    op._add_security_opt()  # a second execute() of the same operator: still one set of options
     host_config = client.create_host_config(network_mode="host")
-    assert host_config["SecurityOpt"] == list(DOCKER_SANDBOX_SECURITY_OPT)
+    assert host_config["SecurityOpt"] == list(DOCKER_SANDBOX_SECURITY_OPT) == ["seccomp=unconfined",
+                                                                               "apparmor=unconfined"]
+    assert host_config["MaskedPaths"] == [] and host_config["ReadonlyPaths"] == []  # /proc unmasked
     assert "CapAdd" not in host_config and not host_config.get("Privileged")
 
     plain, _ = docker_operator(make_params("docker", {**DOCKER, "sandbox": "runtime-default"}))
-    assert plain.security_opt == []
+    assert plain.security_opt == [] and plain.unmask_proc is False
 
 
 # -- URLs and committed workspaces ------------------------------------------------------------------------------------
