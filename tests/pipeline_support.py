@@ -19,6 +19,9 @@ from tasks.stack import free_port, stop_group
 
 REPO = Path(__file__).resolve().parent.parent
 VENV_BIN = Path(sys.executable).parent
+# MLflow 3.17 fetches a telemetry config from outside unless told not to; the tests' clients, servers and every
+# subprocess they start (environments are copied from os.environ) are offline
+os.environ["MLFLOW_DISABLE_TELEMETRY"] = "true"
 
 
 def wait_http(url: str, timeout: float, proc: subprocess.Popen | None = None, log: Path | None = None) -> None:
@@ -44,7 +47,8 @@ class MlflowServer:
                # a Fernet key: 32 url-safe base64-encoded bytes
                "MLFLOW_WEBHOOK_SECRET_ENCRYPTION_KEY": webhooks_key or base64.urlsafe_b64encode(b"s" * 32).decode(),
                "MLFLOW_WEBHOOK_ALLOWED_SCHEMES": "http,https", "MLFLOW_WEBHOOK_ALLOW_PRIVATE_IPS": "true",
-               "MLFLOW_WEBHOOK_CACHE_TTL": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+               "MLFLOW_WEBHOOK_CACHE_TTL": "1", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+               "MLFLOW_DISABLE_TELEMETRY": "true"}
         root.mkdir(parents=True, exist_ok=True)
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(

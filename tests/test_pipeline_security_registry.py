@@ -160,3 +160,11 @@ def test_a_plan_that_fails_releases_its_claims(mlflow_server, tmp_path, family) 
         assert len(result["jobs"]) == 1 and f"secf-code/{code['version']}" in result["claimed"], result
         job_claims = _ledger_files(root, "jobs")
         assert [json.loads(f.read_text())["dag_run"] for f in job_claims] == ["run_retry"]
+
+
+def test_mlflow_processes_run_without_telemetry(mlflow_server) -> None:
+    """MLflow 3.17 fetches a telemetry config from outside unless MLFLOW_DISABLE_TELEMETRY is set (issue 11 item 8):
+    the test server, and this process's clients (and what they start), have it."""
+    environ = Path(f"/proc/{mlflow_server.proc.pid}/environ").read_bytes().split(b"\0")
+    assert b"MLFLOW_DISABLE_TELEMETRY=true" in environ
+    assert os.environ.get("MLFLOW_DISABLE_TELEMETRY") == "true"
