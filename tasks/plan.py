@@ -86,6 +86,8 @@ class Planner:
                 reg.parse_base_tag(ref.base)
         except SarmergeError as e:
             return str(e)
+        if ref.sha256 and not re.fullmatch(r"[0-9a-f]{64}", ref.sha256):  # it keys caches and registry searches
+            return f"tag {reg.TAG_SHA256}={ref.sha256[:80]!r} is not a sha256 hex digest"
         if ref.domain not in self.params.evaluate.suites:
             return (f"domain {ref.domain!r} has no suite in params.yaml evaluate.suites "
                     f"(configured: {sorted(self.params.evaluate.suites)})")

@@ -168,3 +168,25 @@ def test_mlflow_processes_run_without_telemetry(mlflow_server) -> None:
     environ = Path(f"/proc/{mlflow_server.proc.pid}/environ").read_bytes().split(b"\0")
     assert b"MLFLOW_DISABLE_TELEMETRY=true" in environ
     assert os.environ.get("MLFLOW_DISABLE_TELEMETRY") == "true"
+
+
+@pytest.mark.parametrize(("field", "value", "reason"), [
+    ("domain", "code\n", "domains"), ("domain", "chemistry", "evaluate.suites"), ("name", "secu-code\n", "model names"),
+    ("version", "²", "version number"), ("base", f"models:/b/1#sha256={'a' * 64}\n", "sarmerge.base"),
+    ("sha256", "'; drop", "sha256 hex digest"),
+])
+def test_each_untrusted_registry_string_makes_a_version_ineligible(tmp_path: Path, field: str, value: str,
+                                                                    reason: str) -> None:
+    """The checks plan runs before it claims anything, one registry string at a time (no server needed)."""
+    from dataclasses import replace
+
+    from tasks.params import load_params
+    from tasks.plan import Planner
+    from tasks.registry import ModelRef
+
+    planner = Planner(load_params(_params(tmp_path, "secu")), client=None, dag_run="run")
+    good = ModelRef(name="secu-code", version="3", kind="rlvr", domain="code", base=f"models:/b/1#sha256={'a' * 64}",
+                    sha256="b" * 64, run_id="r", source="runs:/r/checkpoint", tags={})
+    assert planner.ineligible(good) is None
+    got = planner.ineligible(replace(good, **{field: value}))
+    assert got is not None and reason in got
