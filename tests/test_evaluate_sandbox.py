@@ -200,6 +200,36 @@ def test_mounts_cannot_be_undone(isolated: Sandbox) -> None:
     assert int(cap_eff, 16) == 0 and int(uid) != 0
 
 
+def test_program_is_unprivileged_on_the_host_too(isolated: Sandbox) -> None:
+    # a root-run bwrap would leave the program host uid 0 (global /proc/sys writable, RLIMIT_NPROC skipped)
+    marker = f"sarmerge-uid-probe-{secrets.token_hex(4)}"
+    seen: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set() and not seen:
+            for entry in Path("/proc").iterdir():
+                try:
+                    argv = (entry / "cmdline").read_bytes().split(b"\0") if entry.name.isdigit() else []
+                    # the program itself (the root stage and bwrap carry the marker in their arguments too)
+                    if len(argv) >= 3 and argv[-2:] == [marker.encode(), b""] and argv[-3].endswith(b"/sandbox/p.py"):
+                        seen.append(entry.stat().st_uid)
+                except OSError:
+                    continue
+
+    thread = threading.Thread(target=watch, daemon=True)
+    thread.start()
+    try:
+        r = isolated.execute({"p.py": "import time\ntime.sleep(4)\n"}, lambda files: [files + "/p.py", marker])
+    finally:
+        stop.set()
+        thread.join()
+    assert r.passed, r
+    assert seen and seen[0] != 0, f"host uid of the sandboxed program: {seen}"
+    r = isolated.run("open('/proc/sys/kernel/hostname', 'w').write(open('/proc/sys/kernel/hostname').read())")
+    assert not r.passed and "Permission denied" in r.reason
+
+
 def test_network_connection_fails_and_reaches_nobody(isolated: Sandbox) -> None:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))

@@ -57,6 +57,9 @@ REPORT_MAX = 64 << 10  # bytes of a harness report the host reads at most
 UID_RANGE = (1_000_000, 1_900_000)  # fresh uids, no passwd entry, never owning anything outside a scratch dir
 INSIDE_FILES = "/sandbox"
 INSIDE_SCRATCH = "/tmp"
+# Root stage (private mount namespace): bind N (source, target) pairs, then exec the rest of the command line.
+BIND_SCRIPT = ('n=$1; shift; i=0; while [ "$i" -lt "$n" ]; do mount --bind "$1" "$2" || exit 121; shift 2; '
+               'i=$((i+1)); done; exec "$@"')
 
 # Prepended to `run` programs. Defence in depth, not the boundary (see module doc).
 GUARD = '''\
@@ -114,7 +117,7 @@ class Isolation:
     network_isolated: bool  # TCP connect to a host listener on 127.0.0.1 failed
     host_sockets_blocked: bool  # connect to a host AF_UNIX listener failed
     filesystem_isolated: bool  # writes to a world-writable host dir and .pth files in every site dir failed
-    mounts_locked: bool  # remounting / read-write and unmounting /proc failed
+    mounts_locked: bool  # remounting / read-write, unmounting /proc, writing /, /dev and /proc/sys all failed
     pid_namespace: bool  # the host's processes (the caller) are invisible
     ipc_namespace: bool  # a SysV shm segment / message queue made inside did not appear on the host
     uid_unprivileged: bool  # the program's uid is not 0 (and a fresh uid when the caller is root)
@@ -258,6 +261,8 @@ class Sandbox:
         self.limits = limits or SandboxLimits()
         self._root = os.geteuid() == 0
         self._bwrap = shutil.which("bwrap")
+        self._unshare = shutil.which("unshare")
+        self._setpriv = shutil.which("setpriv")
         self._python = str(Path(sys.executable).resolve())
         self._venv_python = sys.executable  # keeps the venv (pyvenv.cfg) when sandboxed scorers need it
         self._python_prefix = Path(sys.base_prefix).resolve()
@@ -283,25 +288,38 @@ class Sandbox:
             "params.yaml evaluate.allow_unisolated: true")
 
     # -- command construction -------------------------------------------------------------------------------------
-    def _bwrap_command(self, files_dir: Path, limits: SandboxLimits, uid: int | None, venv: bool,
-                       pass_fds: list[int]) -> list[str]:
-        cmd = [self._bwrap or "bwrap", "--unshare-all", "--die-with-parent", "--new-session", "--cap-drop", "ALL",
-               "--hostname", "sandbox"]
+    def _bwrap_command(self, run_dir: Path, limits: SandboxLimits, uid: int | None, venv: bool) -> list[str]:
+        """bwrap's command line; as root, prefixed by a private-mount-namespace stage that makes the interpreter
+        reachable for the fresh uid and drops to it (so the sandbox's uid is unprivileged on the host too: a
+        root-run bwrap would leave it host uid 0, which may write global /proc/sys entries and skips RLIMIT_NPROC)."""
+        binds = [self._python_prefix] + ([self._venv] if venv else [])
+        binds = [p for p in binds if not str(p).startswith("/usr/")]
+        stage: list[str] = []
+        sources = {str(p): str(p) for p in binds}
         if uid is not None:
-            cmd += ["--unshare-user", "--uid", str(uid), "--gid", str(uid)]
-        cmd += ["--ro-bind", "/usr", "/usr"]
+            pairs: list[str] = []
+            for k, path in enumerate(binds):
+                # the prefix may sit under a 0700 /root: bind it (as root, in a private mount namespace) onto a dir
+                # of this run that the fresh uid can traverse, and let bwrap bind that one
+                target = run_dir / f"bind{k}"
+                target.mkdir(mode=0o755)
+                pairs += [str(path), str(target)]
+                sources[str(path)] = str(target)
+            stage = [self._unshare or "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                     BIND_SCRIPT, "sh", str(len(binds)), *pairs, self._setpriv or "setpriv", f"--reuid={uid}",
+                     f"--regid={uid}", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"]
+        cmd = [*stage, self._bwrap or "bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+               "--cap-drop", "ALL", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):
                 cmd += ["--symlink", os.readlink(top), top]
             elif os.path.isdir(top):
                 cmd += ["--ro-bind", top, top]
-        binds = [self._python_prefix]
-        if venv:
-            binds.append(self._venv)
         for path in binds:
-            if not str(path).startswith("/usr/"):
-                cmd += ["--ro-bind", str(path), str(path)]
-        cmd += ["--ro-bind", str(files_dir), INSIDE_FILES, "--proc", "/proc", "--dev", "/dev",
+            cmd += ["--ro-bind", sources[str(path)], str(path)]
+        cmd += ["--ro-bind", str(run_dir / "files"), INSIDE_FILES, "--proc", "/proc", "--dev", "/dev",
+                # /dev is a tmpfs without a size: read-only, with a small /dev/shm for POSIX semaphores
+                "--size", str(1 << 20), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
                 "--size", str(limits.scratch_bytes), "--tmpfs", INSIDE_SCRATCH, "--remount-ro", "/",
                 "--chdir", INSIDE_SCRATCH, "--clearenv"]
         return cmd
@@ -367,7 +385,7 @@ class Sandbox:
             boot = [self._python, "-I", "-S", "-B", files_path + "/_sandbox_boot.py", json.dumps(cfg)]
             shutil.copyfile(BOOT, files_dir / "_sandbox_boot.py")
             os.chmod(files_dir / "_sandbox_boot.py", 0o644)
-            cmd = ([*self._bwrap_command(files_dir, limits, uid, venv, pass_fds), "--", *boot]) if boxed else boot
+            cmd = [*self._bwrap_command(run_dir, limits, uid, venv), "--", *boot] if boxed else boot
             if group is not None:
                 cmd = group.join_command() + cmd
             with tempfile.TemporaryFile() as out, tempfile.TemporaryFile() as err:
@@ -531,7 +549,13 @@ def remount():
 def umount():
     if libc.umount2(b"/proc", 2) != 0:  # MNT_DETACH
         raise OSError(ctypes.get_errno(), "umount")
-out["mounts_locked"] = fails(remount) and fails(umount) and fails(write("/sarmerge-root-probe"))
+def same_hostname():  # writes back the value it read: harmless even where it succeeds
+    with open("/proc/sys/kernel/hostname") as f:
+        value = f.read()
+    with open("/proc/sys/kernel/hostname", "w") as f:
+        f.write(value)
+out["mounts_locked"] = (fails(remount) and fails(umount) and fails(write("/sarmerge-root-probe"))
+                        and fails(write("/dev/sarmerge-probe")) and fails(same_hostname))
 def environ():
     open("/proc/%d/environ" % cfg["host_pid"], "rb").read()
 out["pid_namespace"] = fails(environ) and not os.path.exists("/proc/%d" % cfg["host_pid"])
@@ -571,7 +595,9 @@ print(json.dumps(out))
 
 
 def _candidate_modes(box: Sandbox) -> list[str]:
-    return (["bwrap"] if box._bwrap else []) + ["rlimits"]
+    # as root, bwrap runs under a fresh uid, which takes util-linux's unshare and setpriv
+    usable = box._bwrap and (not box._root or (box._unshare and box._setpriv))
+    return (["bwrap"] if usable else []) + ["rlimits"]
 
 
 def _probe(box: Sandbox, forced: str | None) -> Isolation:
@@ -581,8 +607,9 @@ def _probe(box: Sandbox, forced: str | None) -> Isolation:
         if key in _PROBED:
             return _PROBED[key]
         notes: list[str] = []
-        if forced is None and not box._bwrap:
-            notes.append("bubblewrap (bwrap) not found: no namespaces")
+        if forced is None and "bwrap" not in _candidate_modes(box):
+            notes.append("bubblewrap (bwrap) not found" + (" (or, as root, util-linux unshare/setpriv)" if box._root
+                                                            else "") + ": no namespaces")
         for mode in [forced] if forced else _candidate_modes(box):
             iso = _probe_mode(box, mode, notes)
             if iso is not None:
