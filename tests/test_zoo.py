@@ -357,3 +357,41 @@ def test_smollm2_grpo_specialist_two_steps(smollm2_dir: Path, tmp_path: Path) ->
     child = load_file(tmp_path / "smol" / "math_nl_s0" / "model.safetensors")
     assert base.keys() == child.keys() and all(v.dtype == torch.bfloat16 for v in child.values())
     assert any(not torch.equal(base[k], child[k]) for k in base)
+
+
+@pytest.mark.slow
+def test_smollm2_trl_grpo_family_two_steps(smollm2_dir: Path, tmp_path: Path) -> None:
+    """The realistic family's builder end to end at test size: TRL's GRPOTrainer, bf16 checkpoints, paired gains."""
+    pytest.importorskip("trl")
+    from sarmerge.zoo.smollm2 import SmolGRPOFamilyConfig, TRLGRPOSettings, build_smollm2_grpo_family
+
+    cfg = SmolGRPOFamilyConfig(tasks=("math_nl", "code_mcq_nl"), seeds_per_task=1, test_problems=6,
+                               calibration_examples=4, grpo=TRLGRPOSettings(steps=2, prompts=2, group=4, lr=5e-6))
+    family = build_smollm2_grpo_family(tmp_path / "smol", cache_dir=False, config=cfg, progress=False)
+    assert family["trainer"]["name"] == "trl.GRPOTrainer"
+    assert [m["name"] for m in family["members"]] == ["math_nl_s0", "code_mcq_nl_s0"]
+    base = load_file(tmp_path / "smol" / "base" / "model.safetensors")
+    for m in family["members"]:
+        test = m["own_task_test"]
+        assert test["problems"] == 6 and test["gained"] + test["lost"] <= 6 and 0 <= test["mcnemar_p"] <= 1
+        assert len(m["reward_curve"]) == 2 and 0.5 < m["unchanged_fraction"] < 1.0
+        child = load_file(tmp_path / "smol" / m["path"] / "model.safetensors")
+        assert all(v.dtype == torch.bfloat16 for v in child.values())
+        assert any(not torch.equal(base[k], child[k]) for k in base)  # AdamW moved some weights past bf16 rounding
+    assert family["cpu_s"]["total"] > 0 and family["timings_s"]["total"] > 0
+    scores = json.loads((tmp_path / "smol" / "scores.json").read_text())
+    assert len(scores["scores"]["base"]["math_nl"]) == 6 and set(scores["scores"]["math_nl_s0"]) == {"math_nl"}
+
+
+def test_paired_gain_counts_and_exact_mcnemar() -> None:
+    from sarmerge.zoo.smollm2 import paired_gain
+
+    before, after = [0.0] * 10 + [1.0] * 10, [1.0] * 8 + [0.0] * 2 + [1.0] * 10  # 8 gained, 0 lost
+    g = paired_gain(before, after)
+    assert (g["gained"], g["lost"], g["gain"]) == (8, 0, 0.4)
+    assert g["mcnemar_p"] == pytest.approx(2 / 2 ** 8, abs=1e-6) and g["significant"]
+    assert g["ci95"][0] < 0.4 < g["ci95"][1]
+    same = paired_gain([1.0, 0.0, 1.0], [1.0, 0.0, 1.0])
+    assert same["gain"] == 0 and same["mcnemar_p"] == 1.0 and not same["significant"]
+    with pytest.raises(SarmergeError, match="equal"):
+        paired_gain([1.0], [1.0, 0.0])

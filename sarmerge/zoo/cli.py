@@ -2,6 +2,8 @@
 
     sarmerge zoo tiny --out DIR [--seed N]       tiny char-level Qwen2 base + GRPO specialists (~2 min on 2 cores)
     sarmerge zoo smollm2 --out DIR [--steps N]   SmolLM2-135M-Instruct from its GGUF + GRPO specialists (slow on CPU)
+    sarmerge zoo smollm2-grpo --out DIR          the RLVR-realistic family: SmolLM2 specialists trained with TRL's
+                                                 GRPOTrainer, 2 domains x 2 seeds, paired gains on held-out problems
     sarmerge zoo tasks [--task T --split S -n N] the verifiable tasks, or sample problems of one as JSONL
 
 Builds are cached (default ~/.cache/sarmerge/zoo/<hash of code and arguments>, or $SARMERGE_ZOO_CACHE), so a second
@@ -59,6 +61,23 @@ def add_command(sub: argparse._SubParsersAction) -> None:
                    help="only convert the GGUF into the cached HF checkpoint and copy it to --out")
     _add_cache_args(s)
     s.set_defaults(func=_smollm2)
+
+    g = zsub.add_parser("smollm2-grpo", help="SmolLM2-135M-Instruct specialists trained with TRL's GRPOTrainer")
+    g.add_argument("--out", type=Path, required=True, help="output directory (created atomically)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--tasks", default=None,
+                   help="comma-separated tasks, one domain each (default math_nl,code_mcq_nl)")
+    g.add_argument("--seeds-per-task", type=int, default=None, help="specialists per task (default 2)")
+    g.add_argument("--steps", type=int, default=None, help="GRPO steps per specialist (default 40)")
+    g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (default 3e-6)")
+    g.add_argument("--prompts", type=int, default=None, help="problems per GRPO step (default 4)")
+    g.add_argument("--group", type=int, default=None, help="completions per problem (default 4)")
+    g.add_argument("--test-problems", type=int, default=None,
+                   help="held-out problems per task for the paired gain tests (default 200)")
+    g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    _add_cache_args(g)
+    g.set_defaults(func=_smollm2_grpo)
 
     k = zsub.add_parser("tasks", help="list the verifiable tasks, or print problems of one as JSONL")
     k.add_argument("--task", default=None)
@@ -128,6 +147,31 @@ def _smollm2(args: argparse.Namespace) -> int:
     family = smollm2.build_smollm2_family(args.out, args.seed, cache_dir=_cache(args), overwrite=args.overwrite,
                                           progress=not args.no_progress, config=cfg)
     _print_family(family)
+    return 0
+
+
+def _smollm2_grpo(args: argparse.Namespace) -> int:
+    from sarmerge.zoo import smollm2
+
+    cfg = smollm2.SmolGRPOFamilyConfig(device=args.device)
+    if args.tasks is not None:
+        cfg.tasks = tuple(x for x in args.tasks.split(",") if x)
+    grpo_overrides = {k: v for k, v in {"steps": args.steps, "lr": args.lr, "prompts": args.prompts,
+                                         "group": args.group}.items() if v is not None}
+    cfg.grpo = dataclasses.replace(cfg.grpo, **grpo_overrides)
+    for name in ("seeds_per_task", "test_problems", "threads"):
+        if getattr(args, name) is not None:
+            setattr(cfg, name, getattr(args, name))
+    family = smollm2.build_smollm2_grpo_family(args.out, args.seed, cache_dir=_cache(args), overwrite=args.overwrite,
+                                               progress=not args.no_progress, config=cfg)
+    _print_family(family)
+    print(f"  own-task gains, paired on {cfg.test_problems} held-out problems (95 % CI, exact McNemar p):")
+    for m in family["members"]:
+        t = m["own_task_test"]
+        print(f"  {m['name']:<12} {t['gain']:+.3f} [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}] "
+              f"p={t['mcnemar_p']:.3g} ({t['gained']} gained, {t['lost']} lost)")
+    cpu = family["cpu_s"]["total"]
+    print(f"  wall {family['timings_s']['total']:.0f}s, CPU {cpu:.0f}s")
     return 0
 
 
