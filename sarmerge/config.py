@@ -272,6 +272,10 @@ def from_mergekit(raw: dict[str, Any], *, source: str = "config", root: Path | N
         out_cfg["dtype"] = dtype
     if out_dtype or dtype:
         out_cfg["out_dtype"] = out_dtype or dtype
+    if method == "ramplus_tl" and not out_dtype and out_cfg.get("dtype") in ("bfloat16", "float16"):
+        # mergekit writes what the method returns when out_dtype is unset, and its fp32 boost factors promote
+        # ramplus_tl's result to fp32: the same files need the same dtype
+        out_cfg["out_dtype"] = "float32"
     tok = raw.get("tokenizer_source")
     if tok == "union":
         raise fail("tokenizer_source: union (vocabulary surgery) is not supported; use base or a model path")

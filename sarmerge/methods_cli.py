@@ -18,6 +18,7 @@ def _cli(args: argparse.Namespace) -> int:
         notes = [f"needs {', '.join(needs)}"] if needs else []
         notes.append(_streaming(m.chunking_for(m.params()), len(m.stats)))
         print(f"{name:18s} {m.description}  [{'; '.join(notes)}]")
+        print(f"{'':20s}vs mergekit: {m.mergekit or 'no mergekit counterpart'}")
         for field_name, f in m.params.model_fields.items():
             print(
                 f"{'':20s}{f.alias or field_name} = {f.default!r}" + (f"  # {f.description}" if f.description else "")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 import torch
@@ -362,3 +363,125 @@ def test_streamed_topk_over_row_chunks_equals_the_whole_tensor_mask(dtype, densi
         mask = torch.cat([streamed_topk_mask(c, high, low, k, taken) for c in chunks])
         assert torch.equal(mask, topk_mask(x, k)), (rows, density)
         assert int(mask.sum()) == k
+
+
+# ---- the method protocol (#16) and the mergekit dialect (SPEC §4.8) --------------------------------------------------
+
+
+def test_method_protocol_declares_fisher_use_and_chunking():
+    sar, ties, fisher = get_method("sar"), get_method("ties"), get_method("fisher")
+    assert sar.needs_fisher(sar.params()) and fisher.needs_fisher(fisher.params())
+    assert not sar.needs_fisher(sar.params(sensitivity="delta2", arbitration="hard"))
+    assert not ties.needs_fisher(ties.params())  # fisher="none": no schema can ask for one
+    assert sar.chunking_for(sar.params(density=0.5)) == "tensor"
+    assert sar.chunking_for(sar.params()) == "multi_pass"
+    assert ties.chunking_for(ties.params()) == "multi_pass"
+    assert ties.chunking_for(ties.params(semantics="mergekit")) == "tensor"  # mergekit's kernels: whole tensors
+
+
+def mergekit_cfg(**kw):
+    from sarmerge.config import parse_config
+
+    return parse_config(kw, source="mk.yaml")
+
+
+def test_a_mergekit_yaml_becomes_a_mergekit_semantics_config():
+    cfg = mergekit_cfg(
+        merge_method="ties", base_model="/m/base", dtype="bfloat16",
+        models=[{"model": "/m/base"}, {"model": "/m/a", "parameters": {"weight": 0.5, "density": 0.3}},
+                {"model": "/m/b", "parameters": {"weight": 0.8}}],
+        parameters={"density": 0.7, "int8_mask": True},
+    )
+    assert cfg.method == "ties" and cfg.base_model == "/m/base"
+    assert [(e.model, e.weight, e.density) for e in cfg.models] == [("/m/a", 0.5, 0.3), ("/m/b", 0.8, 0.7)]
+    p = cfg.method_params()
+    assert p.semantics == "mergekit" and p.normalize is True and p.rescale is False  # mergekit's ties defaults
+    assert (cfg.dtype, cfg.out_dtype) == ("bfloat16", "bfloat16")  # mergekit writes what it computed in
+    ram = mergekit_cfg(merge_method="ramplus_tl", base_model="/m/base", models=[{"model": "/m/a"}],
+                       out_dtype="float16", tokenizer_source="/m/a")
+    p = ram.method_params()
+    assert ram.method == "ram_plus" and (p.r, p.alpha) == (0.1, 0.2) and ram.out_dtype == "float16"
+    assert ram.tokenizer == "/m/a"
+    # dare_ties/breadcrumbs_ties default normalize: false there
+    assert mergekit_cfg(merge_method="dare_ties", base_model="/b", models=[{"model": "/a"}]).method_params().normalize \
+        is False
+
+
+def test_mergekit_filters_become_per_tensor_overrides():
+    cfg = mergekit_cfg(merge_method="slerp", base_model="/b", models=[{"model": "/b"}, {"model": "/a"}],
+                       parameters={"t": [{"filter": "self_attn", "value": 0.2}, {"value": 0.6}]})
+    assert cfg.params_for("model.layers.0.self_attn.q_proj.weight").t == 0.2
+    assert cfg.params_for("model.layers.0.mlp.up_proj.weight").t == 0.6
+
+
+@pytest.mark.parametrize(("raw", "message"), [
+    ({"merge_method": "slerp", "slices": [{"sources": []}], "base_model": "/b"},
+     "slices (layer ranges) are not supported"),
+    ({"merge_method": "nuslerp", "models": [{"model": "/a"}]}, "'nuslerp' has no sarmerge counterpart"),
+    ({"merge_method": "slerp", "base_model": "/b", "models": [{"model": "/a"}], "parameters": {"t": [0, 0.5, 1]}},
+     "gradients"),
+    ({"merge_method": "breadcrumbs", "base_model": "/b", "models": [{"model": "/a", "parameters": {"gamma": 0.1}},
+                                                                    {"model": "/c", "parameters": {"gamma": 0.2}}]},
+     "parameters.gamma: differs between models"),
+    ({"merge_method": "ties", "base_model": "/b", "models": [{"model": "/a"}], "tokenizer_source": "union"},
+     "union"),
+    ({"merge_method": "ties", "base_model": "/b", "models": [{"model": "/a"}], "chat_templat": "x"},
+     "unknown field(s) ['chat_templat']"),
+    ({"merge_method": "ties", "base_model": "/b", "models": [{"model": "/a+/lora"}]}, "LoRA"),
+    ({"merge_method": "ties", "base_model": "/b", "models": [{"model": "/b"}]}, "lists only the base model"),
+    ({"merge_method": "ties", "base_model": "/b", "models": [{"model": "/a"}], "dtype": "int4"}, "dtype: 'int4'"),
+])
+def test_unsupported_mergekit_configs_fail_with_one_clear_error(raw, message):
+    from sarmerge.errors import SarmergeError
+
+    with pytest.raises(SarmergeError, match="mk.yaml: mergekit config: .*" + re.escape(message)):
+        mergekit_cfg(**raw)
+
+
+def test_mergekit_only_parameters_are_refused_in_a_sarmerge_config():
+    from sarmerge.config import parse_config
+    from sarmerge.errors import SarmergeError
+
+    with pytest.raises(SarmergeError, match="normalize: only meaningful with semantics: mergekit"):
+        parse_config({"method": "ties", "base_model": "/b", "models": [{"model": "/a"}],
+                      "parameters": {"normalize": False}})
+    with pytest.raises(SarmergeError, match="r must be ≥ 1"):
+        parse_config({"method": "ram_plus", "base_model": "/b", "models": [{"model": "/a"}],
+                      "parameters": {"r": 0.1}})
+
+
+def test_ramplus_tl_semantics_boost_and_ignore_weights():
+    """mergekit's ramplus_tl: unique updates × (1 + r·clamp(shared_t/unique_t, 0, α)), weights ignored."""
+    base = torch.zeros(12)
+    a = torch.zeros(12)
+    a[:10] = 1.0  # 10 unique + entry 9 shared below
+    b = torch.zeros(12)
+    b[9:12] = 2.0  # entry 9 shared, 10 and 11 unique
+    got = run("ram_plus", group(base, [a, b], weights=[3.0, 5.0]), semantics="mergekit")
+    boost_a = 1 + 0.1 * min(0.2, 1 / 9)  # a: 9 unique, 1 shared
+    boost_b = 1 + 0.1 * min(0.2, 1 / 2)  # b: 2 unique, 1 shared → clamped at α
+    expect = torch.tensor([boost_a] * 9 + [1.5] + [2 * boost_b] * 2)
+    torch.testing.assert_close(got, expect)
+    ram = run("ram", group(base, [a, b], weights=[3.0, 5.0]), semantics="mergekit")
+    torch.testing.assert_close(ram, torch.tensor([1.0] * 9 + [1.5, 2.0, 2.0]))
+
+
+def test_model_stock_mergekit_default_is_one_t_per_tensor():
+    base, models = family((6, 5), n=3, sparsity=0.0)
+    per_tensor = run("model_stock", group(base, models), semantics="mergekit")
+    per_row = run("model_stock", group(base, models), semantics="mergekit", filter_wise=True)
+    taus = [(m - base).flatten() for m in models]
+    cos = sum(torch.dot(taus[i], taus[j]) / (taus[i].norm() * taus[j].norm())
+              for i in range(3) for j in range(i + 1, 3)) / 3
+    t = 3 * cos / (1 + 2 * cos)
+    torch.testing.assert_close(per_tensor, t * sum(models) / 3 + (1 - t) * base)
+    torch.testing.assert_close(per_row, run("model_stock", group(base, models)), rtol=1e-5, atol=1e-6)
+
+
+def test_methods_command_says_where_each_method_differs_from_mergekit(capsys):
+    from sarmerge.cli import main
+
+    assert main(["methods"]) == 0
+    out = capsys.readouterr().out
+    assert out.count("vs mergekit:") == len(all_methods())
+    assert "ramplus_tl: boost 1 + r·clamp" in out and "no mergekit counterpart" in out

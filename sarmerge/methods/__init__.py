@@ -97,6 +97,9 @@ class MergeMethod:
     description: str
     chunking: Chunking
     stats: tuple[StatsFn, ...] = ()
+    # How sarmerge's own semantics differ from mergekit 0.1.5's method of that name (what `semantics: mergekit`,
+    # i.e. a mergekit YAML, changes); None: mergekit has no such method
+    mergekit: str | None = None
 
     def needs_fisher(self, params: Params) -> bool:
         """Whether a merge with these parameters reads a Fisher store per model."""
@@ -123,13 +126,15 @@ def merge_method(
     max_models: int | None = None,
     chunking: Chunking = "tensor",
     stats: StatsFn | tuple[StatsFn, ...] = (),
+    mergekit: str | None = None,
 ) -> Callable[[MethodFn], MethodFn]:
     """Register `fn(group, params) -> merged tensor` under `name`.
 
     `chunking` declares how the engine may stream a tensor through the method (default: whole tensors; a parameter
     schema may choose per configuration through `Params.chunking`); a
     "multi_pass" method also gives `stats`, one function `(group, params) -> {key: tensor}` per pass, each returning
-    its own keys. Their sums over a tensor's chunks reach later passes and `fn` as `group.stats`.
+    its own keys. Their sums over a tensor's chunks reach later passes and `fn` as `group.stats`. `mergekit` says
+    where these semantics differ from mergekit 0.1.5's (shown by `sarmerge methods`).
     """
 
     def register(fn: MethodFn) -> MethodFn:
@@ -138,7 +143,7 @@ def merge_method(
         doc = (fn.__doc__ or "").strip().splitlines()
         REGISTRY[name] = MergeMethod(
             name, fn, params, needs_base, fisher, min_models, max_models, doc[0] if doc else "", chunking,
-            stats if isinstance(stats, tuple) else (stats,),
+            stats if isinstance(stats, tuple) else (stats,), mergekit,
         )
         return fn
 

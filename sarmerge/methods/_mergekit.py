@@ -2,9 +2,9 @@
 
 Methods whose parameters say `semantics: mergekit` (what a mergekit YAML becomes, see `sarmerge.config`) call these
 kernels instead of sarmerge's own. They mirror mergekit's operation order (stacked task vectors, sums over the model
-axis, the same dtype promotions) so deterministic merges give the same bytes; they merge whole tensors. Tie order of
-top-k is sarmerge's (lowest flat index first) where mergekit's unstable argsort leaves it unspecified, and random
-masks come from sarmerge's per-tensor seeded generator, not torch's global RNG (same distribution, other draws).
+axis, the same dtype promotions, the same torch sorts for top-k, so magnitude ties fall the same way with the same
+torch build) so deterministic merges give the same bytes; they merge whole tensors. Random masks come from
+sarmerge's per-tensor seeded generator, not torch's global RNG: same distribution, other draws.
 """
 
 from __future__ import annotations
@@ -13,10 +13,9 @@ from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
 import torch
-from pydantic import model_validator
+from pydantic import Field, model_validator
 
 from sarmerge.methods import Chunking, Params, TensorGroup
-from sarmerge.methods._ops import topk_mask
 
 Semantics = Literal["sarmerge", "mergekit"]
 L1_EPS = 1e-7  # mergekit's rescaled_masked_tensor: below this norm nothing is rescaled
@@ -29,7 +28,8 @@ class Dialect(Params):
     out; `MERGEKIT_ONLY` names fields that mean something only under mergekit semantics (an error otherwise).
     """
 
-    semantics: Semantics = "sarmerge"
+    semantics: Semantics = Field("sarmerge", description="whose definition runs: sarmerge's or mergekit 0.1.5's "
+                                 "(what a mergekit YAML sets)")
 
     MERGEKIT_DEFAULTS: ClassVar[dict[str, Any]] = {}
     MERGEKIT_ONLY: ClassVar[tuple[str, ...]] = ()
@@ -86,8 +86,16 @@ def magnitude(g: TensorGroup, d: torch.Tensor, density: float, l1: bool, **_: An
         return d
     if density <= 0 or d.numel() == 0:
         return torch.zeros_like(d)
-    mask = topk_mask(d, max(1, int(density * d.numel()))).to(d.dtype)
-    return rescaled_masked(d, mask, l1)
+    k = max(1, int(density * d.numel()))
+    mask = torch.zeros(d.numel(), dtype=d.dtype, device=d.device)
+    # torch's (unstable) descending argsort, as mergekit: equal magnitudes at the k-th place fall as they fall there
+    mask[torch.argsort(_sort_keys(d), descending=True)[:k]] = 1
+    return rescaled_masked(d, mask.reshape_as(d), l1)
+
+
+def _sort_keys(d: torch.Tensor) -> torch.Tensor:
+    w = d.abs().reshape(-1)
+    return w.float() if w.device.type == "cpu" else w
 
 
 def magnitude_outliers(g: TensorGroup, d: torch.Tensor, density: float, l1: bool, gamma: float = 0.01,
@@ -97,9 +105,10 @@ def magnitude_outliers(g: TensorGroup, d: torch.Tensor, density: float, l1: bool
         return d
     n = d.numel()
     keep_n = int(density * n)
-    top_n = n - keep_n - max(0, n - keep_n - int(gamma * n))
-    mask = (topk_mask(d, keep_n + top_n) & ~topk_mask(d, top_n)).to(d.dtype)
-    return rescaled_masked(d, mask, l1)
+    bottom_n = max(0, n - keep_n - int(gamma * n))  # the outlier cut shrinks if it would eat into the kept ones
+    mask = torch.zeros(n, dtype=d.dtype, device=d.device)
+    mask[torch.sort(_sort_keys(d), descending=False).indices[bottom_n : bottom_n + keep_n]] = 1
+    return rescaled_masked(d, mask.reshape_as(d), l1)
 
 
 def _work_dtype(d: torch.Tensor) -> torch.dtype:
@@ -127,7 +136,7 @@ def della_magprune(g: TensorGroup, d: torch.Tensor, density: float, l1: bool, ep
         raise ValueError(f"della: density ± epsilon must lie in (0, 1) (mergekit); got {density} ± {epsilon}")
     shape, work = d.shape, _work_dtype(d)
     x = d.unsqueeze(0) if d.dim() < 2 else d
-    ranks = x.abs().argsort(dim=1, stable=True).argsort(dim=1).to(work) + 1
+    ranks = x.abs().argsort(dim=1).argsort(dim=1).to(work) + 1
     low, high = ranks.min(dim=1, keepdim=True).values, ranks.max(dim=1, keepdim=True).values
     probs = (density - epsilon) + ((ranks - low) / (high - low)).clamp(0, 1) * 2 * epsilon
     mask = (g.rand(probs.shape) < probs).to(work)

@@ -21,6 +21,10 @@ class BreadcrumbsParams(Dialect):
     MERGEKIT_ONLY = ("normalize", "rescale")
 
 
+CRUMBS_VS_MERGEKIT = ("mergekit's density default is 1.0 (here 0.9), with an optional L1 rescale (rescale); "
+                      "magnitude ties fall as torch's sort puts them there, lowest flat index first here")
+
+
 def crumbs(d: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     """Keep the `density` fraction just below the top-`gamma` outliers (mergekit's magnitude_outliers)."""
     if density >= 1.0:
@@ -32,7 +36,7 @@ def crumbs(d: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
     return d * keep
 
 
-@merge_method("breadcrumbs", params=BreadcrumbsParams)
+@merge_method("breadcrumbs", params=BreadcrumbsParams, mergekit=CRUMBS_VS_MERGEKIT)
 def breadcrumbs(g: TensorGroup, p: BreadcrumbsParams) -> torch.Tensor:
     """Breadcrumbs masking of each τ_t, then task arithmetic."""
     if p.mergekit:
@@ -41,7 +45,9 @@ def breadcrumbs(g: TensorGroup, p: BreadcrumbsParams) -> torch.Tensor:
     return g.base + p.lambda_ * weighted_sum(masked, g.weights)
 
 
-@merge_method("breadcrumbs_ties", params=BreadcrumbsParams)
+@merge_method("breadcrumbs_ties", params=BreadcrumbsParams,
+              mergekit=CRUMBS_VS_MERGEKIT + "; normalize false there (the sum of the agreeing updates), the "
+              "disjoint mean here")
 def breadcrumbs_ties(g: TensorGroup, p: BreadcrumbsParams) -> torch.Tensor:
     """Breadcrumbs masking, then TIES sign election and disjoint mean."""
     if p.mergekit:

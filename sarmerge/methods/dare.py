@@ -21,6 +21,11 @@ class DareParams(Dialect):
     MERGEKIT_ONLY = ("normalize",)
 
 
+DARE_VS_MERGEKIT = ("survivors scaled by 1/density per entry here; mergekit restores each τ_t's L1 norm per tensor; "
+                    "mergekit's density default is 1.0 (here 0.5); masks from its global torch RNG there, a per-"
+                    "tensor seeded generator here (same distribution)")
+
+
 def dropped(g: TensorGroup, p: DareParams) -> list[torch.Tensor]:
     """Drop each entry of τ_t with probability 1 − density (seeded per tensor), rescale survivors by 1/density."""
     out = []
@@ -34,7 +39,7 @@ def dropped(g: TensorGroup, p: DareParams) -> list[torch.Tensor]:
     return out
 
 
-@merge_method("dare_linear", params=DareParams)
+@merge_method("dare_linear", params=DareParams, mergekit=DARE_VS_MERGEKIT)
 def dare_linear(g: TensorGroup, p: DareParams) -> torch.Tensor:
     """DARE drop-and-rescale, then θ₀ + λ Σ w_t τ̂_t."""
     if p.mergekit:
@@ -42,7 +47,9 @@ def dare_linear(g: TensorGroup, p: DareParams) -> torch.Tensor:
     return g.base + p.lambda_ * weighted_sum(dropped(g, p), g.weights)
 
 
-@merge_method("dare_ties", params=DareParams)
+@merge_method("dare_ties", params=DareParams,
+              mergekit=DARE_VS_MERGEKIT + "; dare_ties: normalize false there (the sum of the agreeing updates), "
+              "the disjoint mean here")
 def dare_ties(g: TensorGroup, p: DareParams) -> torch.Tensor:
     """DARE drop-and-rescale, then TIES sign election and disjoint mean."""
     if p.mergekit:

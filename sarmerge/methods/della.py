@@ -35,6 +35,12 @@ class DellaLinearParams(DellaParams):
     MERGEKIT_DEFAULTS: ClassVar[dict[str, Any]] = {"density": 1.0, "normalize": False, "rescale": True}
 
 
+DELLA_VS_MERGEKIT = ("survivors scaled by 1/p per entry here; mergekit restores each tensor's L1 norm (rescale, "
+                     "default true); density default 1.0 there (here 0.5), and density ± epsilon must lie strictly "
+                     "inside (0, 1); ranks run along dim 1 there (rows flattened here: differs for ≥3-D tensors); "
+                     "masks from its global torch RNG there, a per-tensor seeded generator here")
+
+
 def magprune(g: TensorGroup, d: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
     """Row-wise: larger |τ| → higher keep probability p ∈ [density−ε, density+ε]; survivors scaled by 1/p."""
     if density >= 1.0:
@@ -47,7 +53,7 @@ def magprune(g: TensorGroup, d: torch.Tensor, density: float, epsilon: float) ->
     return (rows * keep / probs).reshape(d.shape)
 
 
-@merge_method("della", params=DellaParams)
+@merge_method("della", params=DellaParams, mergekit=DELLA_VS_MERGEKIT)
 def della(g: TensorGroup, p: DellaParams) -> torch.Tensor:
     """MagPrune each τ_t, then TIES sign election and disjoint mean."""
     if p.mergekit:
@@ -56,7 +62,7 @@ def della(g: TensorGroup, p: DellaParams) -> torch.Tensor:
     return g.base + p.lambda_ * sign_consensus_merge(pruned, g.weights)
 
 
-@merge_method("della_linear", params=DellaLinearParams)
+@merge_method("della_linear", params=DellaLinearParams, mergekit=DELLA_VS_MERGEKIT)
 def della_linear(g: TensorGroup, p: DellaLinearParams) -> torch.Tensor:
     """MagPrune each τ_t, then task arithmetic."""
     if p.mergekit:

@@ -10,7 +10,8 @@ class LinearParams(mk.Dialect):
     normalize: bool = True
 
 
-@merge_method("linear", params=LinearParams, needs_base=False, chunking="element")
+@merge_method("linear", params=LinearParams, needs_base=False, chunking="element",
+              mergekit="mergekit accumulates in fp32 whatever the compute dtype (here: in the compute dtype)")
 def linear(g: TensorGroup, p: LinearParams) -> torch.Tensor:
     """θ = Σ w_t θ_t / Σ w_t."""
     if p.mergekit:  # accumulated in fp32 whatever the compute dtype

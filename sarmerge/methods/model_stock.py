@@ -17,7 +17,9 @@ class ModelStockParams(mk.Dialect):
     MERGEKIT_ONLY = ("filter_wise",)
 
 
-@merge_method("model_stock", params=ModelStockParams, min_models=2, chunking="row")
+@merge_method("model_stock", params=ModelStockParams, min_models=2, chunking="row",
+              mergekit="one t per row here; mergekit: one t per whole tensor unless filter_wise: true, norm "
+              "products clamped at 1e-6, t = 0 where |1 + (N−1)·cos| < 1e-6 (here 1e-8)")
 def model_stock(g: TensorGroup, p: ModelStockParams) -> torch.Tensor:
     """Per row: t = N·cos/(1 + (N−1)·cos) from the mean pairwise cosine of the τ_t; θ = t·mean(θ_t) + (1−t)·θ₀."""
     if p.mergekit:

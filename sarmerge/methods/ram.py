@@ -67,7 +67,9 @@ def _ram(g: TensorGroup, p: RamParams, boosts: list[float] | None) -> torch.Tens
     return g.base + p.lambda_ * merged
 
 
-@merge_method("ram", params=RamParams, chunking="element")
+@merge_method("ram", params=RamParams, chunking="element",
+              mergekit="mergekit's ram ignores weights and lambda; here w_t·τ_t enter the support test and the "
+              "average")
 def ram(g: TensorGroup, p: RamParams) -> torch.Tensor:
     """Keep τ_t where only model t moved; average the movers where several did."""
     if p.mergekit:
@@ -75,7 +77,9 @@ def ram(g: TensorGroup, p: RamParams) -> torch.Tensor:
     return _ram(g, p, None)
 
 
-@merge_method("ram_plus", params=RamPlusParams, chunking="multi_pass", stats=support_stats)
+@merge_method("ram_plus", params=RamPlusParams, chunking="multi_pass", stats=support_stats,
+              mergekit="mergekit calls it ramplus_tl: boost 1 + r·clamp(ρ_t, 0, alpha) with r = 0.1, alpha = 0.2, "
+              "weights ignored; here 1 + (r − 1)·min(1, ρ_t), r = 2, weighted τ_t")
 def ram_plus(g: TensorGroup, p: RamPlusParams) -> torch.Tensor:
     """RAM with unique updates of model t boosted by 1 + (r − 1)·min(1, overlap_t / unique_t)."""
     if p.mergekit:

@@ -51,7 +51,9 @@ def slerp_tensor(t: float, a: torch.Tensor, b: torch.Tensor, dot_threshold: floa
     return out.reshape(a.shape)
 
 
-@merge_method("slerp", params=SlerpParams, min_models=1, max_models=1)
+@merge_method("slerp", params=SlerpParams, min_models=1, max_models=1,
+              mergekit="none: one slerp per whole tensor in fp32, norms and dot summed over 2^20-entry chunks, "
+              "as mergekit (its YAML lists the base among the models; t as a gradient is not supported)")
 def slerp(g: TensorGroup, p: SlerpParams) -> torch.Tensor:
     """SLERP from base_model (t = 0) to the one listed model (t = 1), one interpolation angle per whole tensor."""
     return slerp_tensor(p.t, g.base, g.models[0], p.dot_threshold)

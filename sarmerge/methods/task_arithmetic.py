@@ -18,7 +18,9 @@ class TaskArithmeticParams(Dialect):
     MERGEKIT_ONLY = ("normalize",)
 
 
-@merge_method("task_arithmetic", params=TaskArithmeticParams, chunking="element")
+@merge_method("task_arithmetic", params=TaskArithmeticParams, chunking="element",
+              mergekit="same formula; mergekit also takes normalize (divide by Σ w_t, default false) and sums "
+              "stacked w_t·τ_t (rounding may differ in the last bit here)")
 def task_arithmetic(g: TensorGroup, p: TaskArithmeticParams) -> torch.Tensor:
     """θ = θ₀ + λ Σ w_t τ_t."""
     if p.mergekit:

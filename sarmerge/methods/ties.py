@@ -44,7 +44,10 @@ def _low_bits(g: TensorGroup, p: TiesParams) -> dict[str, torch.Tensor]:
     return {"ties_low": torch.stack(low), "ties_taken": torch.zeros(len(low), dtype=torch.int64)}
 
 
-@merge_method("ties", params=TiesParams, chunking="multi_pass", stats=(_high_bits, _low_bits))
+@merge_method("ties", params=TiesParams, chunking="multi_pass", stats=(_high_bits, _low_bits),
+              mergekit="mergekit: density default 1.0 (here 0.2); normalize: false gives the sum of agreeing "
+              "updates; rescale: true restores each trimmed τ's L1 norm; magnitude ties at the k-th place fall "
+              "as torch's unstable sort puts them (here: lowest flat index first)")
 def ties(g: TensorGroup, p: TiesParams) -> torch.Tensor:
     """Trim each τ_t to its top-density magnitudes, elect signs, disjoint mean; θ = θ₀ + λ·merged."""
     if p.mergekit:
