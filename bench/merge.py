@@ -2,6 +2,7 @@
 
     .venv/bin/python bench/merge.py                   # default: ~0.25 B-param family, 3 runs each, with mergekit
     .venv/bin/python bench/merge.py --params 5e7 --runs 3 --no-mergekit   # quick
+    .venv/bin/python bench/merge.py --shape qwen2.5-1.5b --scaling-shape qwen2.5-0.5b   # a real model's shape
 
 It writes a synthetic RLVR-like family (Qwen2-shaped base + 3 children with ~20 % sparse bf16 updates, plus
 support-layout Fisher stores for SAR), installs mergekit 0.1.5 from PyPI into its own venv (bench/results/
@@ -26,7 +27,8 @@ sys.path.insert(0, str(ROOT))
 
 from bench._report import machine, write_section  # noqa: E402
 
-MERGEKIT_METHODS = {"ties", "task_arithmetic", "ram"}
+# sarmerge method → mergekit 0.1.5 method timed against it (RAM+ is `ramplus_tl` there, with its own formula)
+MERGEKIT_METHODS = {"ties": "ties", "task_arithmetic": "task_arithmetic", "ram": "ram", "ram_plus": "ramplus_tl"}
 IO_FLOOR = r"""
 import sys
 from pathlib import Path
@@ -85,7 +87,7 @@ def sarmerge_config(method: str, members: list[Path], fishers: list[Path]) -> di
 def mergekit_config(method: str, members: list[Path]) -> dict:
     params = {"weight": 1.0} | ({"density": 0.2} if method == "ties" else {})
     return {
-        "merge_method": method,
+        "merge_method": MERGEKIT_METHODS[method],
         "base_model": str(members[0]),
         "models": [{"model": str(m), "parameters": params} for m in members[1:]],
         "dtype": "bfloat16",
@@ -116,6 +118,10 @@ def write_fishers(members: list[Path], root: Path) -> list[Path]:
     return out
 
 
+def family_name(params: float, shape: str | None) -> str:
+    return f"family-{shape}" if shape else f"family-{int(params)}"
+
+
 def dir_bytes(d: Path) -> int:
     return sum(f.stat().st_size for f in d.glob("*.safetensors"))
 
@@ -123,6 +129,13 @@ def dir_bytes(d: Path) -> int:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--params", type=float, default=2.5e8, help="parameters per model (default 2.5e8)")
+    ap.add_argument("--shape", default=None, help="a real architecture instead of --params, e.g. qwen2.5-1.5b "
+                    "(hidden 1536, 28 layers, 151 936-row vocabulary, tied embeddings)")
+    ap.add_argument("--scaling-shape", default=None, help="with --shape: the smaller shape of the peak-RSS check "
+                    "(e.g. qwen2.5-0.5b) instead of a 2x --params family")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads of every sarmerge merge (default 1: on a "
+                    "loaded 2-core machine one thread beat two; mergekit keeps torch's default)")
+    ap.add_argument("--also-threads", type=int, default=0, help="also time TIES with this many sarmerge threads")
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--methods", default="ties,task_arithmetic,ram,sar")
     ap.add_argument("--no-mergekit", action="store_true")
@@ -132,34 +145,38 @@ def main() -> None:
     args = ap.parse_args()
     work = args.workdir
     work.mkdir(parents=True, exist_ok=True)
+    load_at_start = os.getloadavg()[0]
     if args.prepare_only:  # runs in a child so the timing parent never holds torch or tensors (see timed())
         from sarmerge.synthetic import write_family
 
-        members = write_family(work / f"family-{int(args.params)}", params_target=args.params)
-        write_fishers(members, work / f"family-{int(args.params)}")
+        fam = work / family_name(args.params, args.shape)
+        members = write_family(fam, params_target=args.params, shape=args.shape)
+        write_fishers(members, fam)
         return
 
     import yaml
 
-    def prepare(params: float) -> tuple[list[Path], list[Path]]:
-        print(f"writing family of ~{params:.2g} params/model ...", flush=True)
+    def prepare(params: float, shape: str | None = None) -> tuple[list[Path], list[Path]]:
+        print(f"writing family {family_name(params, shape)} ...", flush=True)
         subprocess.run(
-            [sys.executable, __file__, "--prepare-only", "--params", str(params), "--workdir", str(work)], check=True
+            [sys.executable, __file__, "--prepare-only", "--params", str(params), "--workdir", str(work),
+             *(["--shape", shape] if shape else [])], check=True
         )
-        fam = work / f"family-{int(params)}"
+        fam = work / family_name(params, shape)
         members = [fam / "base", *(fam / f"child{i}" for i in (1, 2, 3))]
         return members, [fam / f"fisher-{m.name}" for m in members[1:]]
 
-    members, fishers = prepare(args.params)
+    members, fishers = prepare(args.params, args.shape)
     mergekit = None if args.no_mergekit else ensure_mergekit(work / "mergekit-venv")
     out = work / "out"
     py = str(ROOT / ".venv" / "bin" / "python")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
 
-    def ours(method: str, fam: list[Path], fis: list[Path]) -> list[str]:
+    def ours(method: str, fam: list[Path], fis: list[Path], threads: int = args.threads) -> list[str]:
         cfg = work / f"{method}.yaml"
         cfg.write_text(yaml.safe_dump(sarmerge_config(method, fam, fis)))
-        return [py, "-m", "sarmerge", "merge", str(cfg), str(out), "--overwrite", "--no-progress"]
+        return [py, "-m", "sarmerge", "merge", str(cfg), str(out), "--overwrite", "--no-progress",
+                "--threads", str(threads)]
 
     def theirs(method: str) -> list[str]:
         cfg = work / f"mergekit-{method}.yaml"
@@ -217,17 +234,29 @@ def main() -> None:
                 "rss_ratio": o["rss_mib"] / t["rss_mib"],
             }
         rows.append(row)
+    threads_row = None
+    if args.also_threads:
+        t = measure(f"sarmerge/ties@{args.also_threads}threads",
+                    lambda: ours("ties", members, fishers, threads=args.also_threads))
+        threads_row = {"threads": args.also_threads, "wall_s": t["wall_s"], "inproc_s": t["inproc_s"],
+                       "rss_mib": t["rss_mib"]}
 
     scaling = None
     if not args.no_scaling:
-        print(f"peak RSS scaling: family of ~{2 * args.params:.2g} params/model ...", flush=True)
-        big, big_fishers = prepare(2 * args.params)
-        small = measure("sarmerge/sar@1x", lambda: ours("sar", members, fishers))
+        if args.shape:  # the smaller real shape is the reference: members are the big family
+            small_fam, small_fis = prepare(args.params, args.scaling_shape or "qwen2.5-0.5b")
+            big, big_fishers = members, fishers
+        else:
+            print(f"peak RSS scaling: family of ~{2 * args.params:.2g} params/model ...", flush=True)
+            small_fam, small_fis = members, fishers
+            big, big_fishers = prepare(2 * args.params)
+        small = measure("sarmerge/sar@1x", lambda: ours("sar", small_fam, small_fis))
         large = measure("sarmerge/sar@2x", lambda: ours("sar", big, big_fishers))
-        small_t = measure("sarmerge/ties@1x", lambda: ours("ties", members, fishers))
-        large_t = measure("sarmerge/ties@2x", lambda: ours("ties", big, fishers))
+        small_t = measure("sarmerge/ties@1x", lambda: ours("ties", small_fam, small_fis))
+        large_t = measure("sarmerge/ties@2x", lambda: ours("ties", big, big_fishers))
+        members_small = small_fam
         scaling = {
-            "model_mib_1x": dir_bytes(members[0]) / 2**20,
+            "model_mib_1x": dir_bytes(members_small[0]) / 2**20,
             "model_mib_2x": dir_bytes(big[0]) / 2**20,
             "rss_1x": small["rss_mib"],
             "rss_2x": large["rss_mib"],
@@ -238,7 +267,10 @@ def main() -> None:
     subprocess.run(["rm", "-rf", str(out), str(work / "warm.bin")], check=False)
 
     report = {
-        "machine": machine(),
+        "machine": machine() + f"; load average at start {load_at_start:.1f}",
+        "shape": args.shape,
+        "threads": args.threads,
+        "threads_row": threads_row,
         "params_per_model": args.params,
         "model_mib": dir_bytes(members[0]) / 2**20,
         "runs": args.runs,
@@ -247,16 +279,20 @@ def main() -> None:
         "scaling": scaling,
         "raw": results,
     }
-    (work.parent / "merge.json").write_text(json.dumps(report, indent=2))
-    write_section("merge", render(report))
+    section = "merge" if not args.shape else f"merge-{args.shape}"
+    (work.parent / f"{section}.json").write_text(json.dumps(report, indent=2))
+    write_section(section, render(report))
     print(render(report))
 
 
 def render(r: dict) -> str:
+    size = (f"the {r['shape']} architecture (real shapes, tied embeddings, padded 151 936-row vocabulary)"
+            if r.get("shape") else f"{r['params_per_model']:.2g} params per model")
     lines = [
-        f"Synthetic Qwen2-shaped family, base + 3 children, ~20 % sparse bf16 updates, {r['params_per_model']:.2g} "
-        f"params per model ({r['model_mib']:.0f} MiB each). Median of {r['runs']} runs, each a fresh process, page "
-        f"cache warm. Machine: {r['machine']}. Ratios are against baselines measured in the same run.",
+        f"Synthetic Qwen2-shaped family, base + 3 children, ~20 % sparse bf16 updates, {size} "
+        f"({r['model_mib']:.0f} MiB each, 2 GB shards). Median of {r['runs']} runs, each a fresh process, page "
+        f"cache warm; sarmerge with {r.get('threads', 1)} torch thread(s), mergekit with torch's default. "
+        f"Machine: {r['machine']}. Ratios are against baselines measured in the same run.",
         "",
         "| method | sarmerge s | I/O floor s | vs floor (target ≤ 2×) | in-process s | in-process vs floor | "
         "mergekit 0.1.5 s | time vs mergekit (≤ 0.25×) | sarmerge RSS MiB | mergekit RSS MiB | "
@@ -285,11 +321,15 @@ def render(r: dict) -> str:
         "the three children's "
         "support-layout Fisher stores too; its floor includes reading them. mergekit has no SAR."
     )
+    if r.get("threads_row"):
+        t = r["threads_row"]
+        lines += ["", f"TIES with {t['threads']} sarmerge threads instead: {t['wall_s']:.2f} s wall, "
+                      f"{t['inproc_s']:.2f} s in-process, {t['rss_mib']:.0f} MiB peak RSS."]
     if r["scaling"]:
         s = r["scaling"]
         lines += [
             "",
-            f"Peak RSS when the model doubles ({s['model_mib_1x']:.0f} → {s['model_mib_2x']:.0f} MiB per model, "
+            f"Peak RSS when the model grows ({s['model_mib_1x']:.0f} → {s['model_mib_2x']:.0f} MiB per model, "
             f"more layers of the same width): SAR (defaults, streamed in row chunks) {s['rss_1x']:.0f} → "
             f"{s['rss_2x']:.0f} MiB (×{s['rss_growth']:.2f}); TIES (streamed: radix-select top-k over row chunks) "
             f"{s['ties_rss_1x']:.0f} → {s['ties_rss_2x']:.0f} MiB. Flat = bounded by the largest tensors, "

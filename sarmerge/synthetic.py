@@ -15,7 +15,7 @@ from sarmerge.checkpoint import DTYPE_CODES, ShardedWriter, parse_size
 
 
 def qwen2_shapes(
-    hidden: int, layers: int, vocab: int, intermediate: int, kv_heads: int = 2, heads: int = 8
+    hidden: int, layers: int, vocab: int, intermediate: int, kv_heads: int = 2, heads: int = 8, tied: bool = False
 ) -> dict[str, tuple[int, ...]]:
     head_dim = hidden // heads
     kv = kv_heads * head_dim
@@ -36,8 +36,34 @@ def qwen2_shapes(
             p + "mlp.up_proj.weight": (intermediate, hidden),
             p + "mlp.down_proj.weight": (hidden, intermediate),
         }
-    shapes |= {"model.norm.weight": (hidden,), "lm_head.weight": (vocab, hidden)}
+    shapes |= {"model.norm.weight": (hidden,)}
+    if not tied:  # tied embeddings: the checkpoint stores embed_tokens only (as Qwen2.5-0.5B/1.5B do)
+        shapes["lm_head.weight"] = (vocab, hidden)
     return shapes
+
+
+# Real models' shapes (from their config.json): the vocabulary is the padded embedding row count.
+REAL_SHAPES: dict[str, dict] = {
+    "qwen2.5-0.5b": {"hidden_size": 896, "num_hidden_layers": 24, "intermediate_size": 4864,
+                     "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "tie_word_embeddings": True},
+    "qwen2.5-1.5b": {"hidden_size": 1536, "num_hidden_layers": 28, "intermediate_size": 8960,
+                     "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
+                     "tie_word_embeddings": True},
+}
+
+
+def real_shapes(name: str) -> tuple[dict[str, tuple[int, ...]], dict]:
+    """Shapes and config.json of a real model's architecture (`REAL_SHAPES`), e.g. 'qwen2.5-1.5b'."""
+    if name not in REAL_SHAPES:
+        raise ValueError(f"unknown model shape {name!r}; known: {', '.join(REAL_SHAPES)}")
+    c = REAL_SHAPES[name]
+    cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", **c, "max_position_embeddings": 32768,
+           "torch_dtype": "bfloat16", "rms_norm_eps": 1e-6}
+    shapes = qwen2_shapes(c["hidden_size"], c["num_hidden_layers"], c["vocab_size"], c["intermediate_size"],
+                          kv_heads=c["num_key_value_heads"], heads=c["num_attention_heads"],
+                          tied=c["tie_word_embeddings"])
+    return shapes, cfg
 
 
 def family_shapes(params_target: float) -> tuple[dict[str, tuple[int, ...]], dict]:
@@ -70,10 +96,13 @@ def write_family(
     seed: int = 0,
     shard_size: str = "2GB",
     dtype: torch.dtype = torch.bfloat16,
+    shape: str | None = None,
 ) -> list[Path]:
-    """Write base + children under `out`; returns [base, child_1, ...]. Skips members that already exist."""
+    """Write base + children under `out`; returns [base, child_1, ...]. Skips members that already exist.
+
+    `shape` names a real architecture (`REAL_SHAPES`) instead of the `params_target`-sized default."""
     out = Path(out)
-    shapes, cfg = family_shapes(params_target)
+    shapes, cfg = real_shapes(shape) if shape else family_shapes(params_target)
     members = [out / "base"] + [out / f"child{i}" for i in range(1, children + 1)]
     if all((m / "config.json").exists() for m in members):
         return members
