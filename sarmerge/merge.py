@@ -383,17 +383,35 @@ def run_merge(
     return manifest
 
 
-def model_card(m: dict) -> str:
+def model_card(m: dict, *, evaluation: dict[str, dict] | None = None, base_models: list[str] | None = None,
+               model_name: str | None = None) -> str:
+    """README.md of a merged model: Hub-ready front matter (`base_model` = the merged models and the base,
+    `base_model_relation: merge`, `library_name`, `tags`, and `model-index` results when `evaluation` is given:
+    suite → {"accuracy", "ci95", "problems"}), then the merge in prose. `base_models` replaces the lineage names (the
+    pipeline passes registry URIs instead of workspace paths); the pipeline rewrites the card once scores exist."""
+    import yaml
+
     cfg = m["config"]
+    lineage = base_models or [*(e["model"] for e in cfg["models"]), *([cfg["base_model"]] if cfg["base_model"] else [])]
+    front: dict = {"base_model": [str(x) for x in dict.fromkeys(lineage)], "base_model_relation": "merge",
+                   "library_name": "transformers", "tags": ["merge", "sarmerge", str(m["method"])]}
+    if evaluation:
+        front["model-index"] = [{"name": model_name or f"sarmerge-{m['method']}-merge", "results": [
+            {"task": {"type": "text-generation", "name": "Text Generation"},
+             "dataset": {"name": suite, "type": suite},
+             "metrics": [{"type": "accuracy", "value": round(float(r["accuracy"]), 4),
+                          "name": "accuracy" + (f" (95% CI {r['ci95'][0]:.3f}-{r['ci95'][1]:.3f}, "
+                                                f"{r.get('problems', '?')} problems)" if r.get("ci95") else ""),
+                          "verified": False}]}
+            for suite, r in sorted(evaluation.items())]}]
     rows = "\n".join(
         f"| {e['model']} | {e['weight']} | {e['density'] if e['density'] is not None else ''} | {e['fisher'] or ''} |"
         for e in cfg["models"]
     )
     params = "\n".join(f"| `{k}` | `{v}` |" for k, v in cfg["parameters"].items()) or "| (none) | |"
+    front_matter = yaml.safe_dump(front, sort_keys=False, allow_unicode=True)
     return f"""---
-library_name: transformers
-tags: [merge, sarmerge, {m["method"]}]
----
+{front_matter}---
 # Merged model ({m["method"]})
 
 Produced by [sarmerge](https://pypi.org/project/sarmerge/) {m["sarmerge_version"]} (revision `{m["git_revision"]}`)

@@ -132,9 +132,17 @@ class AnalyzeCfg(_Strict):
 
 
 class GateCfg(_Strict):
-    min_retention: float = Field(0.9, ge=0, description="each parent's own-domain score retained ≥ this fraction")
+    """Paired non-inferiority gates (sarmerge/stats.py): verdict pass | fail | inconclusive, each with its interval."""
+
+    margin: float = Field(0.03, ge=0, le=1, description="a merge may score at most this much (absolute) below each "
+                                                         "parent on the parent's own suite")
+    min_retention: float | None = Field(None, ge=0, le=1, description="also allow losing (1 - this) of the parent's "
+                                                                       "gain over the base (margin = the larger)")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="two-sided confidence of the gate intervals")
+    power: float = Field(0.8, gt=0, lt=1, description="power the decision size is computed for")
     no_suite_below_base: bool = True
-    base_margin: float = Field(0.0, ge=0, description="a suite may sit this much below the base before it fails")
+    base_margin: float = Field(0.03, ge=0, le=1, description="non-inferiority margin against the base, every suite")
+    resamples: int = Field(4000, ge=200, description="bootstrap resamples (several samples per problem)")
 
 
 class PromoteCfg(_Strict):
@@ -146,7 +154,9 @@ class PromoteCfg(_Strict):
 class RegressionCfg(_Strict):
     schedule: str | None = "0 3 * * *"
     aliases: list[str] = Field(default_factory=lambda: ["champion"])
-    tolerance: float = Field(0.05, ge=0, description="absolute drop in a suite score that flags a regression")
+    tolerance: float = Field(0.05, ge=0, le=1, description="a drop is flagged when the paired interval of (now - "
+                                                          "recorded) lies wholly below -tolerance")
+    confidence: float = Field(0.95, gt=0.5, lt=1, description="two-sided confidence of the regression interval")
     limit: int | None = Field(None, ge=1, description="eval limit (default: evaluate.limit, as at registration)")
 
 

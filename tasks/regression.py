@@ -3,9 +3,13 @@ MLflow UI — and the other aliases in params.yaml) with the fixed seeds and set
 
     python -m tasks.regression --family tiny [--alias champion ...]
 
-A suite scoring more than `regression.tolerance` below the score recorded on the version (`sarmerge.scores`) tags
-the version `sarmerge.regression=drop` with the detail and exits 3, so the DAG task fails visibly and its alert
-callback fires. A clean check tags `sarmerge.regression=ok`. Each check is also an MLflow run with the measured scores.
+The new evaluation is paired, problem by problem, with the evaluation recorded in the version's run
+(`evaluation/samples.jsonl`), with the same statistics as the gates (sarmerge/stats.py): per suite, the interval of
+(now − recorded) at `regression.confidence`. A suite whose whole interval lies below −`regression.tolerance` is a
+drop: the version is tagged `sarmerge.regression=drop` with the detail and the step exits 3, so the DAG task fails
+visibly and its alert callback fires. When every suite's interval lies above −tolerance the version is tagged `ok`;
+otherwise `inconclusive` (too few problems to tell; the detail says how many would do) — reported, not alarmed, so
+noise never pages anyone. Each check is also an MLflow run with the measured scores and intervals.
 """
 
 from __future__ import annotations
@@ -16,16 +20,26 @@ import logging
 import sys
 import time
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from sarmerge.errors import SarmergeError
+from sarmerge.stats import (
+    PairedDifference,
+    discordance_upper,
+    noninferiority,
+    paired_difference,
+    problems_needed,
+)
 from tasks import registry as reg
 from tasks.cache import cached
 from tasks.common import emit_result, setup_logging
-from tasks.params import Params, load_params
+from tasks.params import Params, RegressionCfg, load_params
 
 log = logging.getLogger(__name__)
 EXIT_REGRESSION = 3
+RECORDED_ARTIFACT = "evaluation"
+STATUS = {"pass": "ok", "fail": "drop", "inconclusive": "inconclusive"}
 
 
 class RegressionDetected(SarmergeError):
@@ -34,17 +48,48 @@ class RegressionDetected(SarmergeError):
         self.result = result
 
 
-def check_version(params: Params, client: Any, ref: reg.ModelRef, alias: str) -> dict[str, Any]:
-    from tasks.evaluate import evaluate_dir, scores
+def compare_runs(now: dict[str, float], recorded: dict[str, float], *, samples_per_problem: int, cfg: RegressionCfg,
+                 seed: int, resamples: int = 4000) -> tuple[str, PairedDifference, int]:
+    """Status (ok | drop | inconclusive) of one suite from per-problem avg@k of the new and the recorded evaluation,
+    paired on the problems both cover; also the paired difference and the problems a decision needs."""
+    common = sorted(set(now) & set(recorded))
+    if not common:
+        raise SarmergeError("the new and the recorded evaluation share no problem (different suite data or seed?)")
+    diff = paired_difference([now[i] for i in common], [recorded[i] for i in common],
+                             samples_per_problem=samples_per_problem, confidence=cfg.confidence, seed=seed,
+                             resamples=resamples)
+    verdict = noninferiority(diff, cfg.tolerance)
+    needed = problems_needed(max(cfg.tolerance, 1e-3), confidence=cfg.confidence, discordance=discordance_upper(diff))
+    return STATUS[verdict], diff, needed
 
-    recorded_raw = ref.tags.get(reg.TAG_SCORES)
-    if not recorded_raw:
-        return {"alias": alias, "uri": ref.uri, "status": "no-baseline",
-                "detail": f"{ref.uri} has no {reg.TAG_SCORES} tag (not registered by the pipeline)"}
-    recorded: dict[str, float] = json.loads(recorded_raw)
-    settings = json.loads(ref.tags.get(reg.TAG_EVAL, "{}"))
+
+def _recorded_evaluation(client: Any, ref: reg.ModelRef, dest: Path) -> Path | None:
+    """Download the evaluation recorded in the version's run; None when the run has none (registered elsewhere)."""
+    import mlflow
+
+    if not ref.run_id:
+        return None
+    names = {Path(f.path).name for f in client.list_artifacts(ref.run_id, RECORDED_ARTIFACT)}
+    if not {"summary.json", "samples.jsonl"} <= names:
+        return None
+    dest.mkdir(parents=True, exist_ok=True)
+    return Path(mlflow.artifacts.download_artifacts(run_id=ref.run_id, artifact_path=RECORDED_ARTIFACT,
+                                                    dst_path=str(dest)))
+
+
+def check_version(params: Params, client: Any, ref: reg.ModelRef, alias: str) -> dict[str, Any]:
+    from tasks.evaluate import evaluate_dir
+    from tasks.evidence import load_evaluation
+
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%S%f")
     area = params.root / "regression" / f"{ref.name}-v{ref.version}"
+    recorded_dir = _recorded_evaluation(client, ref, area / f"recorded-{stamp}")
+    if recorded_dir is None:
+        return {"alias": alias, "uri": ref.uri, "status": "no-baseline",
+                "detail": f"{ref.uri}: its run has no recorded evaluation ({RECORDED_ARTIFACT}/samples.jsonl; not "
+                          "registered by the pipeline)"}
+    recorded = load_evaluation(recorded_dir, f"{ref.uri} as recorded")
+    settings = json.loads(ref.tags.get(reg.TAG_EVAL, "{}"))
     model_dir = area / "model"
     if not model_dir.is_dir():
         cached(params, "models", {"sha256": ref.sha256}, model_dir,
@@ -53,12 +98,25 @@ def check_version(params: Params, client: Any, ref: reg.ModelRef, alias: str) ->
                                              if k in ("seed", "backend", "batch_size", "max_new_tokens")})
     limit = params.regression.limit or settings.get("limit") or params.evaluate.limit
     t0 = time.perf_counter()
-    summary = evaluate_dir(model_dir, area / f"eval-{stamp}", cfg, sorted(recorded), limit=limit)
-    measured = scores(summary)
-    drops = {s: recorded[s] - measured.get(s, 0.0) for s in recorded}
-    flagged = {s: d for s, d in drops.items() if d > params.regression.tolerance}
-    detail = "; ".join(f"{s}: {measured.get(s, 0.0):.3f} vs recorded {recorded[s]:.3f}" for s in sorted(recorded))
-    status = "drop" if flagged else "ok"
+    evaluate_dir(model_dir, area / f"eval-{stamp}", cfg, sorted(recorded.scores), limit=limit)
+    measured = load_evaluation(area / f"eval-{stamp}", f"{ref.uri} now")
+    suites: dict[str, dict[str, Any]] = {}
+    for s in sorted(recorded.scores):
+        k = max(measured.samples_per_problem.get(s, 1), recorded.samples_per_problem.get(s, 1))
+        status, diff, needed = compare_runs(measured.per_problem.get(s, {}), recorded.per_problem[s],
+                                            samples_per_problem=k, cfg=params.regression, seed=cfg.seed,
+                                            resamples=params.gate.resamples)
+        suites[s] = {"status": status, "now": measured.scores.get(s, 0.0), "recorded": recorded.scores[s],
+                     "difference": diff.difference, "low": diff.low, "high": diff.high, "problems": diff.problems,
+                     "needed": needed}
+    statuses = {v["status"] for v in suites.values()}
+    status = "drop" if "drop" in statuses else ("ok" if statuses == {"ok"} else "inconclusive")
+    pct = f"{params.regression.confidence:.0%}"
+    detail = "; ".join(
+        f"{s}: {v['now']:.3f} now vs {v['recorded']:.3f} recorded, paired {v['difference']:+.3f} {pct} "
+        f"[{v['low']:+.3f}, {v['high']:+.3f}] on {v['problems']} → {v['status']}"
+        + (f" (underpowered: needs ≈{v['needed']})" if v["status"] == "inconclusive" else "")
+        for s, v in suites.items())
     reg.set_tags(client, ref, {reg.TAG_REGRESSION: status,
                                reg.TAG_REGRESSION_DETAIL: f"{stamp} {alias}: {detail} (tolerance "
                                                           f"{params.regression.tolerance})"[:4000]})
@@ -66,13 +124,17 @@ def check_version(params: Params, client: Any, ref: reg.ModelRef, alias: str) ->
     run = client.create_run(exp, run_name=f"regression-{ref.name}-v{ref.version}-{alias}",
                             tags={"sarmerge.model_version": ref.uri, "sarmerge.alias": alias,
                                   reg.TAG_REGRESSION: status})
-    for s, v in measured.items():
-        client.log_metric(run.info.run_id, f"eval.{reg.safe_key(s)}", v)
-        client.log_metric(run.info.run_id, f"drop.{reg.safe_key(s)}", drops.get(s, 0.0))
+    for s, v in suites.items():
+        key = reg.safe_key(s)
+        for metric, value in (("eval", v["now"]), ("drop", v["recorded"] - v["now"]), ("diff.low", v["low"]),
+                              ("diff.high", v["high"])):
+            client.log_metric(run.info.run_id, f"{metric}.{key}", value)
     client.set_terminated(run.info.run_id, "FINISHED")
     log.info("%s @%s: %s (%s) in %.1fs", ref.uri, alias, status, detail, time.perf_counter() - t0)
-    return {"alias": alias, "uri": ref.uri, "status": status, "measured": measured, "recorded": recorded,
-            "drops": drops, "flagged": flagged, "detail": detail}
+    return {"alias": alias, "uri": ref.uri, "version": ref.version, "status": status, "suites": suites,
+            "measured": measured.scores, "recorded": recorded.scores,
+            "flagged": {s: v["recorded"] - v["now"] for s, v in suites.items() if v["status"] == "drop"},
+            "detail": detail, "run_id": run.info.run_id}
 
 
 def run_regression(params: Params, family: str, aliases: list[str] | None = None, client: Any = None) -> dict:
@@ -91,7 +153,8 @@ def run_regression(params: Params, family: str, aliases: list[str] | None = None
     if dropped:
         what = "; ".join(f"{r['uri']} (@{r['alias']}) dropped "
                          + ", ".join(f"{s} −{d:.3f}" for s, d in r["flagged"].items()) for r in dropped)
-        raise RegressionDetected(f"regression: {what} (tolerance {params.regression.tolerance})", out)
+        raise RegressionDetected(f"regression: {what} (tolerance {params.regression.tolerance}, paired "
+                                 f"{params.regression.confidence:.0%} interval wholly below it)", out)
     return out
 
 

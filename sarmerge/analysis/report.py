@@ -116,6 +116,34 @@ def geometry_glance(g: dict[str, Any]) -> list[str]:
     return lines
 
 
+def _span(items: list[tuple[str, float | None]], fmt: Any) -> str:
+    """'a (X) … b (Y)' for the smallest and largest of labelled values, or the one value."""
+    known = [(k, v) for k, v in items if v is not None]
+    if not known:
+        return "n/a"
+    (lo_k, lo), (hi_k, hi) = min(known, key=lambda x: x[1]), max(known, key=lambda x: x[1])
+    return f"{fmt(lo)} ({lo_k})" if lo_k == hi_k else f"{fmt(lo)} ({lo_k}) to {fmt(hi)} ({hi_k})"
+
+
+def geometry_summary(g: dict[str, Any]) -> list[str]:
+    """At most four short lines over every model and pair (the per-model bullets follow under Details)."""
+    models, pairs = g["model"]["models"], g["model"]["pairs"]
+    eps = g["settings"]["eps"]
+    lines = [f"Unchanged weights (|τ| ≤ {eps:g}): " + _span([(k, m["sparsity"]) for k, m in models.items()], _pct)
+             + "; update size ‖τ‖/‖θ₀‖ " + _span([(k, m["rel_norm"]) for k, m in models.items()], _num) + "."]
+    if any(m["principal_energy_ratio"] is not None for m in models.values()):
+        lines.append(f"Energy in the base's top-{g['settings']['top_k']} subspace vs a random update: "
+                     + _span([(k, m["principal_energy_ratio"]) for k, m in models.items()],
+                             lambda v: f"{_num(v, '.2f')}×") + " (below 1× = off-principal).")
+    if pairs:
+        label = [(f"{p['a']}/{p['b']}", p) for p in pairs]
+        lines.append("Support overlap vs chance: " + _span([(k, p["overlap_ratio"]) for k, p in label],
+                                                          lambda v: f"{_num(v, '.2f')}×")
+                     + "; cosine " + _span([(k, p["cosine"]) for k, p in label], lambda v: _num(v, ".3f"))
+                     + "; sign conflicts " + _span([(k, p["sign_conflict"]) for k, p in label], _pct) + ".")
+    return lines
+
+
 def geometry_tables(g: dict[str, Any]) -> list[tuple[list[str], list[list[str]]]]:
     models = (
         ["model", "sparsity", "density", "‖τ‖", "‖τ‖/‖θ₀‖", "top-k energy", "chance", "ratio"],
@@ -266,11 +294,16 @@ def render_html(geometry: dict[str, Any] | None, tokens: dict[str, Any] | None, 
             f"<h2>Update geometry</h2><p>Base <code>{html.escape(g['base'])}</code>; models:</p><ul>{models}</ul>"
             f"<p class=small>ε = {s['eps']:g}, top-k = {s['top_k']} (SVD {s['svd']}); "
             f"{g['model']['numel']:,} weights in {g['model']['tensors']} tensors. τ = model − base.</p>"
+            "<div class=glance><b>Summary</b><ul>"
+            + "".join(f"<li>{html.escape(x)}</li>" for x in geometry_summary(g))
+            + "</ul></div>"
+            + _html_plots(g)
+            + "<details><summary>Details: at a glance, per model and pair, and the tables</summary>"
             "<div class=glance><b>At a glance</b><ul>"
             + "".join(f"<li>{html.escape(x)}</li>" for x in geometry_glance(g))
             + "</ul></div>"
             + "".join(_html_table(h, r) for h, r in geometry_tables(g))
-            + _html_plots(g)
+            + "</details>"
         )
     if tokens:
         t = tokens
@@ -316,11 +349,13 @@ def render_markdown(geometry: dict[str, Any] | None, tokens: dict[str, Any] | No
             f"\n## Update geometry\n\nBase `{g['base']}`; models: "
             + ", ".join(f"**{k}** `{v}`" for k, v in g["models"].items())
             + f". ε = {s['eps']:g}, top-k = {s['top_k']} (SVD {s['svd']}); {g['model']['numel']:,} weights in "
-            f"{g['model']['tensors']} tensors. τ = model − base.\n\n**At a glance**\n\n"
+            f"{g['model']['tensors']} tensors. τ = model − base.\n\n**Summary**\n\n"
+            + "".join(f"- {x}\n" for x in geometry_summary(g))
+            + _md_plots(g)
+            + "\n### Details\n\n**At a glance**\n\n"
             + "".join(f"- {x}\n" for x in geometry_glance(g))
             + "\n"
             + "\n".join(_md_table(h, r) for h, r in geometry_tables(g))
-            + _md_plots(g)
         )
     if tokens:
         t, s = tokens, tokens["settings"]
