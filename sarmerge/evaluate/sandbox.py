@@ -293,21 +293,23 @@ class Sandbox:
         reachable for the fresh uid and drops to it (so the sandbox's uid is unprivileged on the host too: a
         root-run bwrap would leave it host uid 0, which may write global /proc/sys entries and skips RLIMIT_NPROC)."""
         binds = [self._python_prefix] + ([self._venv] if venv else [])
-        binds = [p for p in binds if not str(p).startswith("/usr/")]
+        binds = [p for p in binds if p != Path("/usr") and Path("/usr") not in p.parents]  # /usr is bound anyway
         stage: list[str] = []
         sources = {str(p): str(p) for p in binds}
         if uid is not None:
             pairs: list[str] = []
-            for k, path in enumerate(binds):
+            for k, path in enumerate(p for p in binds if not _world_reachable(p)):
                 # the prefix may sit under a 0700 /root: bind it (as root, in a private mount namespace) onto a dir
                 # of this run that the fresh uid can traverse, and let bwrap bind that one
                 target = run_dir / f"bind{k}"
                 target.mkdir(mode=0o755)
                 pairs += [str(path), str(target)]
                 sources[str(path)] = str(target)
-            stage = [self._unshare or "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
-                     BIND_SCRIPT, "sh", str(len(binds)), *pairs, self._setpriv or "setpriv", f"--reuid={uid}",
-                     f"--regid={uid}", "--clear-groups", "--inh-caps=-all", "--bounding-set=-all", "--"]
+            if pairs:  # needs CAP_SYS_ADMIN (root on a host; not root in a default Docker container)
+                stage = [self._unshare or "unshare", "--mount", "--propagation", "private", "--", "/bin/sh", "-c",
+                         BIND_SCRIPT, "sh", str(len(pairs) // 2), *pairs]
+            stage += [self._setpriv or "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
+                      "--inh-caps=-all", "--bounding-set=-all", "--"]
         cmd = [*stage, self._bwrap or "bwrap", "--unshare-all", "--die-with-parent", "--new-session",
                "--cap-drop", "ALL", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
@@ -467,6 +469,18 @@ class Sandbox:
         return [r for r in results if r is not None]
 
 
+def _world_reachable(path: Path) -> bool:
+    """Every ancestor searchable and `path` readable+searchable by others (a fresh uid can bind it)."""
+    try:
+        for p in [path, *path.parents]:
+            mode = p.stat().st_mode
+            if not mode & 0o001 or (p == path and not mode & 0o004):
+                return False
+    except OSError:
+        return False
+    return True
+
+
 class _ReportReader:
     """Drains the harness's private pipe in a thread (bounded), so a chatty harness can never block on it."""
 
@@ -595,7 +609,7 @@ print(json.dumps(out))
 
 
 def _candidate_modes(box: Sandbox) -> list[str]:
-    # as root, bwrap runs under a fresh uid, which takes util-linux's unshare and setpriv
+    # as root, bwrap runs under a fresh uid, which takes util-linux's setpriv (and unshare for unreachable prefixes)
     usable = box._bwrap and (not box._root or (box._unshare and box._setpriv))
     return (["bwrap"] if usable else []) + ["rlimits"]
 
