@@ -6,9 +6,11 @@ in `Sandbox.isolation`, which every evaluation summary records):
 - `bwrap` (Debian's bubblewrap): new user, pid, network, IPC, UTS and cgroup namespaces; a new root that holds only
   read-only binds of what Python needs (/usr, the interpreter prefix, the venv for sandboxed scorers) and the
   sample's files (/sandbox, read-only), a size-limited tmpfs at /tmp (the only writable place, the cwd), a fresh
-  /proc and a minimal /dev. The program runs as an unprivileged uid (a fresh random one when the caller is root)
-  with every capability dropped, so it cannot remount, unmount, ptrace out or reach any host path, socket or
-  SysV IPC object. No network interface but a down loopback. As root, an aggregate cgroup (v1 or v2) caps the
+  /proc and a read-only minimal /dev. The program runs as an unprivileged uid with every capability dropped: the
+  caller's own uid, or, when the caller is root, a fresh random uid on the host too (setpriv before an unprivileged
+  bwrap; never a root-run bwrap, whose sandbox would stay host uid 0). It cannot remount, unmount, write /proc/sys,
+  ptrace out or reach any host path, socket or SysV IPC object.
+  No network interface but a down loopback. As root, an aggregate cgroup (v1 or v2) caps the
   memory (tmpfs pages included) and the process count of the whole sample; as non-root, RLIMIT_AS caps each
   process and RLIMIT_NPROC the count. Everything dies with the sample (pid namespace, --die-with-parent).
 - `rlimits` (no namespace can be made, e.g. Docker's default seccomp): only resource limits, a scratch dir, a
