@@ -155,6 +155,27 @@ def markdown(families: list[dict[str, Any]]) -> str:
             out.append(f"| {fam['label']} | {mod} | {_fmt(_pct(_mean([m['sparsity'] for m in ms])), '{:.1f} %')} | "
                        f"{_fmt(_mean([m['principal_energy_ratio'] for m in ms]), '{:.2f}×')} | "
                        f"{_fmt(_mean(cross), '{:.2f}×')} |")
+    out += ["", "Per transformer block (mean over specialists): how sparsity and principal energy vary with depth.", ""]
+    for fam in families:
+        rows = []
+        for lay, s in fam["layers"].items():
+            if lay == "non-layer":
+                continue
+            ms = list(s["models"].values())
+            rows.append((int(lay), _mean([m["sparsity"] for m in ms]),
+                         _mean([m["principal_energy_ratio"] for m in ms])))
+        if not rows:
+            continue
+        sp = [r for r in rows if r[1] is not None]
+        pr = [r for r in rows if r[2] is not None]
+        line = f"- {fam['label']}: {len(rows)} blocks"
+        if sp:
+            lo, hi = min(sp, key=lambda r: r[1]), max(sp, key=lambda r: r[1])
+            line += f"; sparsity {100 * lo[1]:.1f} % (block {lo[0]}) to {100 * hi[1]:.1f} % (block {hi[0]})"
+        if pr:
+            lo, hi = min(pr, key=lambda r: r[2]), max(pr, key=lambda r: r[2])
+            line += f"; principal-energy ratio {lo[2]:.2f}× (block {lo[0]}) to {hi[2]:.2f}× (block {hi[0]})"
+        out.append(line + ".")
     for fam in families:
         out += ["", f"**{fam['label']}** ({fam['parameters']:,} parameters, {fam['trainer']['name']}):", ""]
         out += verdicts(fam)
