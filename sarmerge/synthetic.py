@@ -47,6 +47,10 @@ REAL_SHAPES: dict[str, dict] = {
     "qwen2.5-0.5b": {"hidden_size": 896, "num_hidden_layers": 24, "intermediate_size": 4864,
                      "num_attention_heads": 14, "num_key_value_heads": 2, "vocab_size": 151936,
                      "tie_word_embeddings": True},
+    # a Qwen2.5-style miniature (tied, two layers) for smoke runs of the same code path
+    "qwen2-tiny": {"hidden_size": 64, "num_hidden_layers": 2, "intermediate_size": 128,
+                   "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 512,
+                   "tie_word_embeddings": True},
     "qwen2.5-1.5b": {"hidden_size": 1536, "num_hidden_layers": 28, "intermediate_size": 8960,
                      "num_attention_heads": 12, "num_key_value_heads": 2, "vocab_size": 151936,
                      "tie_word_embeddings": True},
