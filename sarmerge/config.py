@@ -186,7 +186,8 @@ MERGEKIT_DTYPES = {"bf16": "bfloat16", "fp16": "float16", "half": "float16", "fp
 def from_mergekit(raw: dict[str, Any], *, source: str = "config", root: Path | None = None) -> dict[str, Any]:
     """Translate a mergekit 0.1.5 YAML (as loaded) into a sarmerge config with `semantics: mergekit` parameters.
 
-    Taken as mergekit reads it: the base model listed again under `models:` is the base, not a model; per-model
+    Taken as mergekit reads it: the base model listed again under `models:` is the base, not a model (except for
+    `linear`, which averages the base with the models at its weight); per-model
     `parameters:` fall back to the top-level ones; `filter:` lists become per-tensor overrides (substring match,
     first wins); without `dtype:` the merge computes in the stored dtype, and the output is `out_dtype`, else
     `dtype`, else stored. Refused with a clear error: slices, gradients (lists of values), other model references
@@ -230,7 +231,7 @@ def from_mergekit(raw: dict[str, Any], *, source: str = "config", root: Path | N
         params = entry.get("parameters") or {}
         if not isinstance(params, dict):
             raise fail(f"{where}.parameters: expected a mapping, got {params!r}")
-        if model == base:
+        if model == base and method != "linear":
             continue  # mergekit merges the base as the base even when it is listed among the models
         out: dict[str, Any] = {"model": model}
         for key, value in params.items():
@@ -249,6 +250,11 @@ def from_mergekit(raw: dict[str, Any], *, source: str = "config", root: Path | N
         models.append(out)
     if not models:
         raise fail("models: lists only the base model")
+    if method == "linear" and base is not None and base not in [m["model"] for m in models]:
+        # mergekit's linear averages its base_model with the models, at the top-level weight, summed last
+        if "weight" not in globals_:
+            raise fail("linear averages base_model with the models: list it under models: with its weight")
+        models.append({"model": base, "weight": globals_["weight"]})
     parameters = {k: v for k, v in globals_.items() if k not in PER_MODEL}
     parameters.update(shared)
     parameters["semantics"] = "mergekit"

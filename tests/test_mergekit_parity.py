@@ -109,6 +109,12 @@ def deterministic_cases(f32: list[Path], b16: list[Path]) -> dict[str, dict]:
     return {
         "linear-fp32": config("linear", f32, "float32", weights=[0.5, 1.0, 2.0]),
         "linear-bf16": config("linear", b16, "bfloat16", weights=[0.5, 1.0, 2.0]),
+        # mergekit's linear averages base_model too, at the weight given to all models
+        "linear-with-base": {"merge_method": "linear", "base_model": str(f32[0]), "dtype": "float32",
+                             "models": [{"model": str(m)} for m in f32[1:3]], "parameters": {"weight": 0.6}},
+        "linear-base-listed": {"merge_method": "linear", "base_model": str(f32[0]), "dtype": "float32",
+                               "models": [{"model": str(m), "parameters": {"weight": w}}
+                                          for m, w in ((f32[1], 0.3), (f32[0], 0.9), (f32[2], 0.5))]},
         "task_arithmetic": config("task_arithmetic", f32, "float32", weights=w, **{"lambda": 0.9}),
         "ties-fp32": config("ties", f32, "float32", weights=w, per_model={"density": 0.3}),
         # bf16 updates take few distinct magnitudes: many ties at the top-k threshold, broken as mergekit's sort does

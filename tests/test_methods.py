@@ -407,6 +407,19 @@ def test_a_mergekit_yaml_becomes_a_mergekit_semantics_config():
         is False
 
 
+def test_mergekit_linear_averages_the_base_and_dtype_defaults_to_the_stored_one(tmp_path):
+    from sarmerge.checkpoint import DTYPE_CODES, ShardedWriter
+
+    writer = ShardedWriter(tmp_path, [("w", (2, 2), DTYPE_CODES[torch.bfloat16])], 1 << 20)
+    writer.write("w", torch.ones(2, 2, dtype=torch.bfloat16))
+    writer.close()
+    # no dtype: mergekit computes in (and writes) the stored dtype
+    cfg = mergekit_cfg(merge_method="linear", base_model=str(tmp_path), parameters={"weight": 0.5},
+                       models=[{"model": "/m/a", "parameters": {"weight": 2.0}}])
+    assert [(e.model, e.weight) for e in cfg.models] == [("/m/a", 2.0), (str(tmp_path), 0.5)]
+    assert (cfg.dtype, cfg.out_dtype) == ("bfloat16", None)
+
+
 def test_mergekit_filters_become_per_tensor_overrides():
     cfg = mergekit_cfg(merge_method="slerp", base_model="/b", models=[{"model": "/b"}, {"model": "/a"}],
                        parameters={"t": [{"filter": "self_attn", "value": 0.2}, {"value": 0.6}]})
