@@ -38,7 +38,9 @@ class SarmergeRegisterCallback(TrainerCallback):
     base: the model training started from, `models:/NAME/VERSION` (or `@ALIAS`), or its directory together with
     `base_name` (registered as the base on first use); calib: calibration JSONL of this domain (optional);
     checkpoints: `final` (only the end of training) or `every` (each save); tracking_uri: MLflow server (default
-    $MLFLOW_TRACKING_URI); on_error: `raise` (stop the run) or `log` (warn and go on).
+    $MLFLOW_TRACKING_URI); save_dtype: register a copy of the weights in this dtype (`bfloat16` for RLVR-like sparse
+    checkpoints from fp32 master weights; written to `sarmerge-<dtype>/` inside the checkpoint) instead of the
+    Trainer's files; on_error: `raise` (stop the run) or `log` (warn and go on).
 
     `registered` lists what was registered: dicts with step, path, uri, created (False when the same content was
     already in the registry, e.g. the final model equal to the last checkpoint).
@@ -47,11 +49,15 @@ class SarmergeRegisterCallback(TrainerCallback):
     def __init__(self, *, name: str, domain: str, base: str, base_name: str | None = None,
                  calib: str | Path | None = None, checkpoints: Literal["final", "every"] = "final",
                  tracking_uri: str | None = None, description: str | None = None,
+                 save_dtype: Literal["bfloat16", "float16", "float32"] | None = None,
                  on_error: Literal["raise", "log"] = "raise") -> None:
         from tasks import registry as reg
 
         if checkpoints not in ("final", "every"):
             raise SarmergeError(f"SarmergeRegisterCallback: checkpoints={checkpoints!r}; use 'final' or 'every'")
+        if save_dtype not in (None, "bfloat16", "float16", "float32"):
+            raise SarmergeError(f"SarmergeRegisterCallback: save_dtype={save_dtype!r}; use bfloat16, float16, "
+                                "float32 or None (as the Trainer saved it)")
         if on_error not in ("raise", "log"):
             raise SarmergeError(f"SarmergeRegisterCallback: on_error={on_error!r}; use 'raise' or 'log'")
         if not base:
@@ -66,6 +72,7 @@ class SarmergeRegisterCallback(TrainerCallback):
         self.base, self.base_name, self.calib = base, base_name, calib_path
         self.checkpoints, self.tracking_uri, self.description, self.on_error = (checkpoints, tracking_uri,
                                                                                 description, on_error)
+        self.save_dtype = save_dtype
         self.registered: list[dict[str, Any]] = []
         self._last_saved: tuple[int, Path] | None = None
 
@@ -79,32 +86,63 @@ class SarmergeRegisterCallback(TrainerCallback):
             return
         self._last_saved = (state.global_step, path)
         if self.checkpoints == "every":
-            self._register(path, state.global_step)
+            self._register(self._cast_dir(kwargs, path), state.global_step)
 
     def on_train_end(self, args: TrainingArguments, state: TrainerState, control: TrainerControl,
                      **kwargs: Any) -> None:
         if not state.is_world_process_zero or self.checkpoints != "final":
             return
         if self._last_saved is not None and self._last_saved[0] == state.global_step:
-            path = self._last_saved[1]  # the Trainer saved at the last step: that checkpoint is the final model
+            # the Trainer saved at the last step: that checkpoint is the final model
+            path = self._cast_dir(kwargs, self._last_saved[1])
         else:
             path = self._save_final(args, state, kwargs)
         self._register(path, state.global_step)
 
     # -- helpers --------------------------------------------------------------------------------------------------
-    @staticmethod
-    def _save_final(args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> Path:
+    def _save_final(self, args: TrainingArguments, state: TrainerState, kwargs: dict[str, Any]) -> Path:
         """The model as it ends training, saved as safetensors with its tokenizer (no optimizer state)."""
+        path = self._save_cast(kwargs, Path(args.output_dir) / FINAL_DIR)
+        log.info("final model of step %d saved to %s", state.global_step, path)
+        return path
+
+    def _cast_dir(self, kwargs: dict[str, Any], checkpoint: Path) -> Path:
+        """The directory to register for a Trainer checkpoint: itself, or its `save_dtype` copy."""
+        if self.save_dtype is None:
+            return checkpoint
+        return self._save_cast(kwargs, checkpoint / f"sarmerge-{self.save_dtype}")
+
+    def _save_cast(self, kwargs: dict[str, Any], path: Path) -> Path:
+        """Save the live model (cast to `save_dtype` when set) and its tokenizer into `path`.
+
+        Why cast: trainers keep fp32 master weights, so their checkpoints are dense; RLVR checkpoints are compared and
+        merged in bf16, where the many sub-half-ulp updates vanish (the sparsity SAR-style merges rely on).
+        """
+        import json
+
+        import torch
+
         model = kwargs.get("model")
         if model is None:
-            raise SarmergeError("SarmergeRegisterCallback: the Trainer passed no model to on_train_end")
-        path = Path(args.output_dir) / FINAL_DIR
+            raise SarmergeError("SarmergeRegisterCallback: the Trainer passed no model to the callback")
         model = getattr(model, "module", model)  # unwrap DDP/accelerate wrappers
-        model.save_pretrained(path)  # safetensors by default
+        state_dict = None
+        if self.save_dtype is not None:
+            dtype = getattr(torch, self.save_dtype)
+            cast: dict[int, torch.Tensor] = {}  # keyed by storage, so tied weights stay one tensor
+            state_dict = {k: cast.setdefault(v.data_ptr(), v.detach().to("cpu", dtype) if v.is_floating_point()
+                                             else v.detach().cpu()) for k, v in model.state_dict().items()}
+        model.save_pretrained(path, state_dict=state_dict)  # safetensors by default
+        if self.save_dtype is not None:
+            config_file = path / "config.json"
+            config = json.loads(config_file.read_text())
+            for key in ("dtype", "torch_dtype"):
+                if key in config:
+                    config[key] = self.save_dtype
+            config_file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
         tokenizer = kwargs.get("processing_class") or kwargs.get("tokenizer")
         if tokenizer is not None:
             tokenizer.save_pretrained(path)
-        log.info("final model of step %d saved to %s", state.global_step, path)
         return path
 
     def _register(self, path: Path, step: int) -> None:

@@ -3,10 +3,12 @@ MLflow server, and `tasks.plan` turns the new versions into merge jobs with no m
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import pytest
+import torch
 from pipeline_support import env_vars, register, write_params
 
 pytestmark = pytest.mark.pipeline
@@ -22,7 +24,7 @@ def _grpo(base: Path, out: Path, task_name: str, callback, *, save_every_step: b
     from sarmerge.zoo.tiny import load_tokenizer
 
     tok = load_tokenizer(base)
-    model = AutoModelForCausalLM.from_pretrained(base)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)  # fp32 master weights, as trainers keep
     # a large rate so two steps move the tiny model's weights (the registry refuses a checkpoint equal to its base)
     settings = TRLGRPOSettings(steps=steps, prompts=2, group=4, lr=1e-3)
     return run_trl_grpo(model, tok, get_task(task_name), settings, seed=3, output_dir=out, callbacks=[callback],
@@ -86,6 +88,31 @@ def test_grpo_trainer_registers_its_checkpoints_and_plan_merges_them(env, tiny_f
         assert (Path(job["workspace"]) / "inputs" / "base" / "model.safetensors").is_file()
 
 
+def test_save_dtype_registers_a_bf16_copy_in_the_base_layout(env, tiny_family, tmp_path):
+    """fp32 master weights make dense checkpoints; the bf16 copy keeps the sub-half-ulp updates out (RLVR-like)."""
+    from safetensors.torch import load_file
+
+    from tasks.trainer_callback import SarmergeRegisterCallback
+
+    root = Path(tiny_family["root"])
+    base = register(root / "base", "trl-base", kind="base")
+    callback = SarmergeRegisterCallback(name="trl-bf16", domain="math", base=base["uri"], save_dtype="bfloat16")
+    _grpo(root / "base", tmp_path / "run", "math", callback, save_every_step=True)
+    (registered,) = callback.registered  # checkpoints="final": the Trainer's last save, as a bf16 copy
+    assert Path(registered["path"]) == tmp_path / "run" / "checkpoint-2" / "sarmerge-bfloat16"
+    base_w = load_file(root / "base" / "model.safetensors")
+    copy = load_file(Path(registered["path"]) / "model.safetensors")
+    fp32 = load_file(tmp_path / "run" / "checkpoint-2" / "model.safetensors")
+    assert copy.keys() == base_w.keys() and all(v.dtype == torch.bfloat16 for v in copy.values())
+    assert json.loads((Path(registered["path"]) / "config.json").read_text())["dtype"] == "bfloat16"
+
+    def unchanged(model: dict) -> float:  # share of weights exactly equal to the base's
+        same = sum(int((model[k].float() == v.float()).sum()) for k, v in base_w.items())
+        return same / sum(v.numel() for v in base_w.values())
+
+    assert unchanged(fp32) < unchanged(copy) < 1.0
+
+
 def test_registration_failure_stops_the_run_with_the_manual_command(env, tiny_family, tmp_path):
     from sarmerge.errors import SarmergeError
     from tasks.trainer_callback import SarmergeRegisterCallback
@@ -107,6 +134,7 @@ def test_registration_failure_stops_the_run_with_the_manual_command(env, tiny_fa
     (dict(name="ok", domain="math", base=""), "base is required"),
     (dict(name="ok", domain="math", base="models:/b/1", calib="/nonexistent.jsonl"), "calib"),
     (dict(name="ok", domain="math", base="models:/b/1", checkpoints="best"), "checkpoints"),
+    (dict(name="ok", domain="math", base="models:/b/1", save_dtype="int8"), "save_dtype"),
 ])
 def test_bad_settings_fail_before_training(kwargs, message):
     from sarmerge.errors import SarmergeError
