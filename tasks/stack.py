@@ -53,9 +53,10 @@ PROFILES = ("embedded", "production")
 MLFLOW_BUCKET, DVC_BUCKET = "sarmerge-mlflow", "sarmerge-dvc"
 # Celery workers of the production profile: name -> queues ("{gpu}" = params.yaml pipeline.gpu_queue)
 WORKERS = {"worker-default": "default", "worker-gpu": "default,{gpu}"}
-# Stop order: clients of a service before the service
-STOP_ORDER = ("relay", "airflow", "api-server", "scheduler", "dag-processor", "triggerer", *WORKERS, "mlflow", "s3",
-              "redis", "postgres")
+# Stop order: clients of a service before the service (processes of one tier are stopped together)
+STOP_TIERS = (("relay", "airflow", "api-server", "scheduler", "dag-processor", "triggerer", *WORKERS), ("mlflow",),
+              ("s3", "redis"), ("postgres",))
+STOP_TIERS_FLAT = {name for tier in STOP_TIERS for name in tier}
 
 
 def free_port() -> int:
@@ -80,6 +81,8 @@ def stop_group(pgid: int, grace: float = 30.0) -> None:
         os.killpg(pgid, signal.SIGTERM)
     deadline = time.monotonic() + grace
     while time.monotonic() < deadline and _group_alive(pgid):
+        with contextlib.suppress(ChildProcessError, OSError):
+            os.waitpid(pgid, os.WNOHANG)  # reap our own exited leader: a zombie still counts as a group member
         time.sleep(0.3)
     with contextlib.suppress(ProcessLookupError):
         os.killpg(pgid, signal.SIGKILL)
@@ -523,16 +526,22 @@ class Stack:
         os.replace(tmp, self.state_file)
 
     def down(self, grace: float = 30.0) -> list[str]:
+        """Stop every process group of the stack, clients before the services they use; each tier is stopped in
+        parallel (SIGTERM to all, wait up to `grace`, SIGKILL what is left)."""
         if not self.state_file.exists():
             return []
         state = json.loads(self.state_file.read_text())
         pids = state.get("pids", {})
+        tiers = [[n for n in pids if n not in STOP_TIERS_FLAT], *STOP_TIERS]
         stopped = []
-        for name in [*STOP_ORDER, *(n for n in pids if n not in STOP_ORDER)]:
-            pid = pids.get(name)
-            if pid and _group_alive(pid):
-                stop_group(pid, grace)
-                stopped.append(f"{name} (pid {pid})")
+        for tier in tiers:
+            alive = {name: pids[name] for name in tier if name in pids and _group_alive(pids[name])}
+            for pgid in alive.values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.killpg(pgid, signal.SIGTERM)
+            for pgid in alive.values():
+                stop_group(pgid, grace)  # waits for the SIGTERM already sent; the grace runs concurrently
+            stopped += [f"{name} (pid {pid})" for name, pid in alive.items()]
         if state.get("postgres_tmp"):
             shutil.rmtree(state.pop("postgres_tmp"), ignore_errors=True)
         state["pids"] = {}

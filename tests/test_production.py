@@ -5,9 +5,9 @@ workers (`default`; `default,gpu` as the GPU host). One stack serves the whole m
 - a registered upload alone → merge_on_upload on the Celery workers → a merged version in MLflow whose artifacts lie
   in the S3 bucket (downloaded from S3, they reproduce the registered sha256); the Fisher step ran on the gpu worker;
 - a fresh clone of the lineage repository + `dvc pull` from S3 reproduces the registered sha256;
-- a Celery worker SIGKILLed (with every process under it) mid-step: the step is retried on the other worker, the job
-  ends as an undisturbed one, no duplicate versions, a clean DVC workspace;
-- two uploads at once: two jobs, each version processed exactly once, work spread over both workers;
+- two uploads at once, and a Celery worker SIGKILLed (with every process under it) mid-step: the step is retried on
+  the other worker; two jobs, each version processed exactly once, ending as undisturbed jobs (same artifacts, no
+  duplicate versions, a clean DVC workspace), work spread over both workers;
 - regression_eval runs on the same stack.
 """
 
@@ -52,7 +52,7 @@ def stack(tmp_path_factory):
             from tasks.relay import AirflowClient
 
             fam = make_family(tmp / "fam", [("math_s0", "math", 61), *((f"code_{i}", "code", 70 + i)
-                                                                        for i in range(4))], base_seed=5)
+                                                                        for i in range(3))], base_seed=5)
             yield {"stack": s, "state": state, "tmp": tmp, "root": root, "family": fam, "client": get_client(),
                    "s3_env": s.s3_env(), "s3": s3_client(s.s3_env()),
                    "api": AirflowClient(env["AIRFLOW_API_URL"], user=env["AIRFLOW_API_USER"],
@@ -108,7 +108,7 @@ def test_an_upload_alone_merges_on_celery_with_s3_artifacts_and_fisher_on_the_gp
     code = first_merge["code"]
     assert first_merge["states"] == {f"{FAMILY}-code/{code['version']}": "done"}
     (v,) = _merged_for(client, f"models:/{FAMILY}-code/{code['version']}")
-    assert v.tags[reg.TAG_METHOD] == "sar" and v.tags[reg.TAG_GATE] in ("pass", "fail")
+    assert v.tags[reg.TAG_METHOD] == "sar" and v.tags[reg.TAG_GATE] in ("pass", "fail", "inconclusive")
     assert set(json.loads(v.tags[reg.TAG_SCORES])) == {"zoo:math", "zoo:code"}
     assert {"evaluation", "analysis", "checkpoint", "evidence"} <= {f.path for f in client.list_artifacts(v.run_id)}
     runs = wait_runs_finished(api, 600)
@@ -165,85 +165,81 @@ def test_a_fresh_clone_and_dvc_pull_from_s3_reproduce_the_registered_sha256(stac
     assert reg.content_digest(clone / "out" / "merged" / "sar") == v.sha256
 
 
-def test_a_worker_killed_mid_step_is_retried_on_the_other_worker(stack, first_merge):
-    from tasks import registry as reg
-    from tasks.demo import wait_processed, wait_runs_finished
-
-    client, api, s = stack["client"], stack["api"], stack["stack"]
-    code = _upload_code(stack, first_merge["base"], 1)
-    key = (f"{FAMILY}-code", code["version"])
-    # wait for a CPU step of this job, after its Fisher, to be running; then the host running it is lost
-    victim, deadline = None, time.monotonic() + 600
-    while victim is None and time.monotonic() < deadline:
-        owner = client.get_model_version(*key).tags.get(reg.TAG_CLAIMED_BY)
-        tis = _task_instances(api, owner) if owner else []
-        fisher_done = any(t["task_id"] == "fisher" for t in tis) and all(
-            t["state"] == "success" for t in tis if t["task_id"] == "fisher")
-        running = [t for t in tis if t["state"] == "running" and t["task_id"] in ("merge", "evaluate", "analyze")
-                   and t["hostname"] in ("worker-default", "worker-gpu")]
-        if fisher_done and running:
-            victim = running[0]
-        else:
-            time.sleep(0.5)
-    assert victim is not None, "no CPU step of the job was seen running"
-    killed = s.kill(victim["hostname"])
-    assert killed
-    try:
-        states = wait_processed(client, [key], 900, api=api)
-        runs = wait_runs_finished(api, 600)
-    finally:
-        s.restart(victim["hostname"])
-    assert states == {f"{key[0]}/{key[1]}": "done"}
-    assert all(r["state"] == "success" for r in runs), [(r["dag_run_id"], r["state"]) for r in runs]
-    tries = _tries(api, victim)
-    assert [t["try_number"] for t in tries][-2:] == [1, 2] or len(tries) >= 2, tries
-    other = {"worker-default": "worker-gpu", "worker-gpu": "worker-default"}[victim["hostname"]]
-    assert tries[0]["hostname"] == victim["hostname"] and tries[-1]["hostname"] == other, tries
-    assert tries[-1]["state"] == "success"
-    # the same end state as an undisturbed job: one merged version, scored and gated, a clean DVC workspace
-    (v,) = _merged_for(client, f"models:/{key[0]}/{key[1]}")
-    assert set(json.loads(v.tags[reg.TAG_SCORES])) == {"zoo:math", "zoo:code"} and v.tags[reg.TAG_GATE]
-    (first,) = _merged_for(client, f"models:/{FAMILY}-code/{first_merge['code']['version']}")
-    assert {f.path for f in client.list_artifacts(v.run_id)} == {f.path for f in client.list_artifacts(first.run_id)}
-    workspace = stack["root"] / "jobs" / v.tags[reg.TAG_JOB]
-    if workspace.exists():
-        env = {**os.environ, **stack["s3_env"], "PATH": f"{VENV_BIN}:{os.environ['PATH']}"}
-        status = subprocess.run(["git", "status", "--porcelain"], cwd=workspace, env=env, capture_output=True,
-                                text=True, timeout=60)
-        assert status.returncode == 0 and status.stdout.strip() == "", status.stdout
-    print(json.dumps({"killed": victim["hostname"], "step": victim["task_id"], "pids": len(killed),
-                      "tries": [(t["try_number"], t["hostname"], t["state"]) for t in tries]}))
-
-
-def test_two_uploads_at_once_are_two_jobs_each_processed_once(stack, first_merge):
+def test_two_uploads_at_once_survive_a_worker_killed_mid_step(stack, first_merge):
+    """Two uploads at once → two jobs on the two workers; a worker SIGKILLed (with every process under it) during a
+    CPU step → the step is retried on the other worker; each version ends processed exactly once, as undisturbed.
+    (One scenario for both: each merge job costs minutes on 2 cores.)"""
     from tasks import registry as reg
     from tasks.demo import wait_processed, wait_runs_finished
     from tasks.stack import WORKERS
 
-    client, api = stack["client"], stack["api"]
-    _wait_workers(stack["stack"])
+    client, api, s = stack["client"], stack["api"], stack["stack"]
     results: dict[int, dict] = {}
 
     def upload(i: int) -> None:
         results[i] = _upload_code(stack, first_merge["base"], i)
 
-    threads = [threading.Thread(target=upload, args=(i,)) for i in (2, 3)]
+    threads = [threading.Thread(target=upload, args=(i,)) for i in (1, 2)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
     keys = [(f"{FAMILY}-code", r["version"]) for r in results.values()]
     assert len(set(keys)) == 2
+
+    def task_instances() -> list[dict]:
+        owners = {client.get_model_version(*k).tags.get(reg.TAG_CLAIMED_BY) for k in keys} - {None}
+        return [t for o in sorted(owners) for t in _task_instances(api, o)]
+
+    # a CPU step running after every Fisher is done (so the GPU worker is not needed while one worker is down)
+    victim, deadline = None, time.monotonic() + 900
+    while victim is None and time.monotonic() < deadline:
+        tis = task_instances()
+        fishers = [t for t in tis if t["task_id"] == "fisher"]
+        running = [t for t in tis if t["state"] == "running" and t["task_id"] in ("merge", "evaluate", "analyze")
+                   and t["hostname"] in WORKERS]
+        if fishers and all(t["state"] == "success" for t in fishers) and running:
+            victim = running[0]
+        else:
+            time.sleep(0.5)
+    assert victim is not None, "no CPU step was seen running"
+    killed = s.kill(victim["hostname"])
+    assert killed
+    other = next(w for w in WORKERS if w != victim["hostname"])
+    try:
+        deadline = time.monotonic() + 600  # heartbeat timeout, then the retry on the other worker
+        while time.monotonic() < deadline and not any(t["try_number"] >= 2 and t["state"] in ("running", "success")
+                                                      for t in _tries(api, victim)):
+            time.sleep(2)
+    finally:
+        s.restart(victim["hostname"])  # the host comes back; the retry already runs elsewhere
     states = wait_processed(client, keys, 1200, api=api)
     assert set(states.values()) == {"done"}, states
     runs = wait_runs_finished(api, 600)
     assert all(r["state"] == "success" for r in runs), [(r["dag_run_id"], r["state"]) for r in runs]
+
+    tries = _tries(api, victim)
+    assert len(tries) >= 2 and tries[0]["hostname"] == victim["hostname"], tries
+    assert tries[-1]["hostname"] == other and tries[-1]["state"] == "success", tries
+    # each version processed once (one merged version, one job each), ending as an undisturbed job
     merged = [_merged_for(client, f"models:/{n}/{v}") for n, v in keys]
-    assert [len(m) for m in merged] == [1, 1]  # processed once, never twice
+    assert [len(m) for m in merged] == [1, 1]
     assert len({m[0].tags[reg.TAG_JOB] for m in merged}) == 2
-    owners = {client.get_model_version(n, v).tags[reg.TAG_CLAIMED_BY] for n, v in keys}
-    hosts = {t["hostname"] for o in owners for t in _task_instances(api, o) if t["hostname"]}
+    (first,) = _merged_for(client, f"models:/{FAMILY}-code/{first_merge['code']['version']}")
+    expected = {f.path for f in client.list_artifacts(first.run_id)}
+    for (v,) in merged:
+        assert set(json.loads(v.tags[reg.TAG_SCORES])) == {"zoo:math", "zoo:code"} and v.tags[reg.TAG_GATE]
+        assert {f.path for f in client.list_artifacts(v.run_id)} == expected
+        workspace = stack["root"] / "jobs" / v.tags[reg.TAG_JOB]
+        if workspace.exists():  # no stray DVC outputs: the job's workspace is exactly its commit
+            status = subprocess.run(["git", "status", "--porcelain"], cwd=workspace, capture_output=True, text=True,
+                                    timeout=60)
+            assert status.returncode == 0 and status.stdout.strip() == "", status.stdout
+    hosts = {t["hostname"] for t in task_instances() if t["hostname"]}
     assert hosts == set(WORKERS), hosts
+    _wait_workers(s)
+    print(json.dumps({"killed": victim["hostname"], "step": victim["task_id"], "pids": len(killed),
+                      "tries": [(t["try_number"], t["hostname"], t["state"]) for t in tries]}))
 
 
 def _wait_workers(s) -> None:
@@ -268,7 +264,8 @@ def test_regression_eval_runs_on_the_same_stack(stack, first_merge):
             break
         time.sleep(2)
     assert state == "success"
-    assert client.get_model_version(f"{FAMILY}-merged", v.version).tags[reg.TAG_REGRESSION] == "ok"
+    # 2 examples per suite: too few for a conclusive verdict either way, but no drop
+    assert client.get_model_version(f"{FAMILY}-merged", v.version).tags[reg.TAG_REGRESSION] in ("ok", "inconclusive")
     tis = api.request("GET", f"/api/v2/dags/regression_eval/dagRuns/{run['dag_run_id']}/taskInstances")
     assert {t["hostname"] for t in tis["task_instances"]} <= {"worker-default", "worker-gpu"}
 
