@@ -32,6 +32,7 @@ from sarmerge.zoo.family import load_family
 ROOT = Path(__file__).resolve().parent.parent
 
 TOP_K = 16
+BEGIN, END = "<!-- geometry-literature:begin -->", "<!-- geometry-literature:end -->"
 MODEL_KEYS = ("sparsity", "rel_norm", "principal_energy", "principal_energy_chance", "principal_energy_ratio",
               "principal_energy_left", "principal_energy_left_chance", "principal_energy_right",
               "principal_energy_right_chance")
@@ -71,11 +72,16 @@ def family_geometry(label: str, root: Path, threads: int) -> dict[str, Any]:
         "trainer": family.get("trainer", {"name": "sarmerge.zoo.train.grpo"}),
         "parameters": family["model"]["parameters"], "numel": g["model"]["numel"],
         "members": [{"name": m["name"], "domain": m["domain"], "task": m["task"], "gain": m["gain"],
+                     "before": m["accuracy_before"].get(m["task"]), "after": m["accuracy_after"].get(m["task"]),
+                     "test_problems": family["tasks"][m["task"]]["test_problems"],
+                     "unchanged_fraction": m.get("unchanged_fraction"), "reward_first_last": m.get("reward_first_last"),
                      "own_task_test": m.get("own_task_test")} for m in members],
         "model": {"models": models_of(g["model"]), "pairs": pairs_of(g["model"])},
         "modules": {mod: {"models": models_of(s), "pairs": pairs_of(s)} for mod, s in g["modules"].items()},
         "layers": {lay: {"models": models_of(s)} for lay, s in g["layers"].items()},
         "settings": {**g["settings"], "note": "eps=0: changed = bf16 bits differ from the base"},
+        "timings_s": family.get("timings_s"), "cpu_s": family.get("cpu_s"), "machine": family.get("machine"),
+        "config": family.get("config"),
         "seconds": round(time.perf_counter() - t0, 1),
     }
 
@@ -124,8 +130,36 @@ def verdicts(fam: dict[str, Any]) -> list[str]:
     return lines
 
 
+def training_table(families: list[dict[str, Any]]) -> list[str]:
+    """Each specialist's own-task gain: paired test on the held-out problems where the family recorded it."""
+    out = ["| family | specialist | task | base → specialist (own task) | gain [95 % CI] | McNemar p "
+           "(gained/lost) |", "|---|---|---|---|---|---|"]
+    for fam in families:
+        for m in fam["members"]:
+            t = m.get("own_task_test")
+            if t is None:
+                out.append(f"| {fam['label']} | {m['name']} | {m['task']} | {100 * m['before']:.1f} % → "
+                           f"{100 * m['after']:.1f} % (n = {m['test_problems']}) | {100 * m['gain']:+.1f} pts "
+                           "(no per-problem record: no paired test) | — |")
+                continue
+            out.append(f"| {fam['label']} | {m['name']} | {m['task']} | {100 * t['before']:.1f} % → "
+                       f"{100 * t['after']:.1f} % (n = {t['problems']}) | {100 * t['gain']:+.1f} pts "
+                       f"[{100 * t['ci95'][0]:+.1f}, {100 * t['ci95'][1]:+.1f}] | {t['mcnemar_p']:.3g} "
+                       f"({t['gained']}/{t['lost']}){' significant' if t['significant'] else ''} |")
+    for fam in families:
+        if fam.get("timings_s"):
+            machine = fam.get("machine") or {}
+            cpu = (fam.get("cpu_s") or {}).get("total")
+            out.append(f"\n{fam['label']}: built in {fam['timings_s'].get('total', 0):.0f} s wall"
+                       + (f", {cpu:.0f} s CPU" if cpu is not None else "")
+                       + f" ({machine.get('device', 'cpu')}, {machine.get('torch_threads', '?')} torch thread(s), "
+                       f"{machine.get('cpu_count', '?')} CPUs).")
+    return out
+
+
 def markdown(families: list[dict[str, Any]]) -> str:
-    out = ["| family (trainer) | specialist | sparsity in bf16 | principal-energy ratio (2-sided) | left | right |"
+    out = [*training_table(families), ""]
+    out += ["| family (trainer) | specialist | sparsity in bf16 | principal-energy ratio (2-sided) | left | right |"
            " rel. norm |", "|---|---|---|---|---|---|---|"]
     for fam in families:
         for name, m in fam["model"]["models"].items():
@@ -197,6 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--json", type=Path, default=ROOT / "docs" / "experiments" / "geometry_literature.json")
     p.add_argument("--markdown", type=Path, default=ROOT / "docs" / "experiments" / "geometry_literature.md")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--experiments", type=Path, default=None,
+                   help=f"also replace the text between {BEGIN} and {END} in this file (EXPERIMENTS.md)")
     args = p.parse_args(argv)
     try:
         specs = [f.split("=", 1) for f in args.family]
@@ -211,6 +247,14 @@ def main(argv: list[str] | None = None) -> int:
     args.json.write_text(json.dumps(compact, indent=1) + "\n")
     text = markdown(families)
     args.markdown.write_text(text)
+    if args.experiments is not None:
+        doc = args.experiments.read_text()
+        if doc.count(BEGIN) != 1 or doc.count(END) != 1 or doc.index(BEGIN) > doc.index(END):
+            print(f"geometry_literature: error: {args.experiments} needs one {BEGIN} ... {END} block",
+                  file=sys.stderr)
+            return 2
+        head, rest = doc.split(BEGIN)
+        args.experiments.write_text(head + BEGIN + "\n" + text + rest[rest.index(END):])
     print(text)
     return 0
 
