@@ -265,10 +265,13 @@ class TRLGRPOSettings:
     one optimisation pass per sampled batch (strictly on-policy), no KL term (TRL's default β = 0, as in DAPO).
     """
 
-    steps: int = 40
+    # sized for a shared 2-core CPU (the family in EXPERIMENTS.md ran these defaults; sarmerge's own GRPO loop took
+    # ~13 s/step on 2 idle cores at this size): few steps, so the rate is the top of the usual 1e-6..5e-6 GRPO range
+    # for ~100M models; on a GPU use many more steps and larger groups
+    steps: int = 10
     prompts: int = 4  # problems per step
     group: int = 4  # completions per problem (TRL's num_generations)
-    lr: float = 3e-6
+    lr: float = 5e-6
     temperature: float = 1.0
     beta: float = 0.0
     max_grad_norm: float = 1.0
