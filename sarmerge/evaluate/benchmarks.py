@@ -429,6 +429,7 @@ def load_mbpp(req: LoadRequest) -> list[Item]:
 
 # -- reasoning-gym ------------------------------------------------------------------------------------------------
 REASONING_GYM_INSTRUCTION = "Give your final answer after 'Answer:' on the last line."
+ALLOW_EXECUTING_SCORERS_ENV = "SARMERGE_ALLOW_EXECUTING_SCORERS"  # "1": run scorers the answer could forge (sandboxed)
 _ANSWER_TAG = re.compile(r"<answer>(.*?)</answer>", re.DOTALL | re.IGNORECASE)
 _ANSWER_LINE = re.compile(r"answer\s*:\s*(.+)", re.IGNORECASE)
 
@@ -455,6 +456,21 @@ def reasoning_gym_suite(task: str) -> Suite:
 
     if task not in DATASETS:
         raise SarmergeError(f"unknown reasoning-gym task {task!r}; known: {', '.join(sorted(DATASETS))}")
+    import os
+
+    from sarmerge.evaluate import rg_audit
+    from sarmerge.evaluate.harness import ScoreResult, clip
+
+    # scorers that eval / sympify the answer run its code where the score is reported: only answers of a strict data
+    # grammar reach them (checked here, in the trusted host); a task with no grammar is refused unless opted in
+    sinks = rg_audit.scorer_sinks(task)
+    grammar = rg_audit.ANSWER_GRAMMARS.get(task) if sinks else None
+    opted_in = os.environ.get(ALLOW_EXECUTING_SCORERS_ENV, "") == "1"
+    if sinks and grammar is None and not opted_in:
+        raise SarmergeError(
+            f"reasoning_gym:{task}: its scorer can execute the answer it judges ({', '.join(sorted(sinks))}) and "
+            "sarmerge has no safe answer grammar for it, so a model answer could forge its own score; refusing "
+            f"(accept forgeable scores with {ALLOW_EXECUTING_SCORERS_ENV}=1; the scorer still runs sandboxed)")
 
     def load(req: LoadRequest) -> list[Item]:
         size = req.limit or 100
@@ -475,17 +491,25 @@ def reasoning_gym_suite(task: str) -> Suite:
     def score(items: Sequence[Item], completions: Sequence[str], ctx: ScoreContext) -> list[Verdict]:
         # reasoning-gym scorers eval / sympy.parse_expr answers: never in this process (SPEC §6), one sandbox each
         answers = [_reasoning_gym_extract(text) for text in completions]
-        jobs = [ScoreJob(it.private["task"], it.private["seed"], it.private["size"], it.private["index"], answer,
-                         it.private["entry_pickle"], it.private["question"])
-                for it, answer in zip(items, answers, strict=True)]
-        box = ctx.sandbox
-        results: list[Any] = [None] * len(jobs)
+        results: list[Any] = [None] * len(answers)
+        if grammar is not None:  # outside the grammar: wrong, and never handed to the scorer
+            for i, answer in enumerate(answers):
+                why = grammar.rejects(answer)
+                if why is not None:
+                    results[i] = ScoreResult(None, clip(f"answer rejected before scoring: {why}"))
+        todo = [i for i, r in enumerate(results) if r is None]
+        jobs = {i: ScoreJob(items[i].private["task"], items[i].private["seed"], items[i].private["size"],
+                            items[i].private["index"], answers[i], items[i].private["entry_pickle"],
+                            items[i].private["question"]) for i in todo}
+        if todo:
+            box = ctx.sandbox
 
-        def one(i: int) -> Any:
-            results[i] = run_reasoning_gym_job(box, jobs[i])
-            return results[i]
+            def one(i: int) -> Any:
+                results[i] = run_reasoning_gym_job(box, jobs[i])
+                return results[i]
 
-        box.map(one, list(range(len(jobs))), workers=ctx.workers, on_done=lambda i, r: ctx.done())
+            box.map(one, todo, workers=ctx.workers, on_done=lambda i, r: ctx.done())
+        ctx.done(len(answers) - len(todo))
         return [Verdict(r.score is not None and r.score >= 1.0 - 1e-9, answer, r.detail,
                         0.0 if r.score is None else r.score) for r, answer in zip(results, answers, strict=True)]
 
