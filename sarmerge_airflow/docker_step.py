@@ -19,6 +19,17 @@ from docker.types import DeviceRequest
 
 from sarmerge_airflow.containers import STEP_ENTRYPOINT, forwarded_env, last_line, parse_result
 
+PODMAN_UNMASK = "unmask=ALL"  # podman's form of `--security-opt systempaths=unconfined`
+
+
+def _is_podman(cli: Any) -> bool:
+    """The engine behind the Docker API is podman (`podman system service`)."""
+    try:
+        components = cli.version().get("Components") or []
+    except (DockerException, OSError):  # requests' connection errors are OSErrors
+        return False
+    return any("podman" in str(c.get("Name", "")).lower() for c in components)
+
 
 class StepDockerOperator(DockerOperator):
     template_fields: Sequence[str] = (*DockerOperator.template_fields, "args", "suffix")
@@ -83,9 +94,14 @@ class StepDockerOperator(DockerOperator):
             return
         cli = self.cli
         build_host_config = getattr(cli, "_sarmerge_create_host_config", cli.create_host_config)
+        security_opt = list(self.security_opt)
+        if self.unmask_proc and _is_podman(cli):
+            # podman's Docker API ignores empty MaskedPaths/ReadonlyPaths (checked on podman 4.3) but takes its own
+            # security option, which Docker's daemon would refuse: add it only on podman
+            security_opt.append(PODMAN_UNMASK)
 
         def with_sandbox_settings(*args: Any, **kwargs: Any) -> Any:
-            host_config = build_host_config(*args, **{**kwargs, "security_opt": list(self.security_opt) or None})
+            host_config = build_host_config(*args, **{**kwargs, "security_opt": security_opt or None})
             if self.unmask_proc:  # what `docker run --security-opt systempaths=unconfined` sends
                 host_config["MaskedPaths"], host_config["ReadonlyPaths"] = [], []
             return host_config

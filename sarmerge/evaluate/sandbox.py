@@ -572,9 +572,19 @@ def same_hostname():  # writes back the value it read: harmless even where it su
         f.write(value)
 out["mounts_locked"] = (fails(remount) and fails(umount) and fails(write("/sarmerge-root-probe"))
                         and fails(write("/dev/sarmerge-probe")) and fails(same_hostname))
+def caller_visible():
+    # the caller itself, not a sandbox process that has its pid number (a caller that is pid 1 of a container
+    # shares that number with the sandbox's own init): same pid and same start time
+    try:
+        with open("/proc/%d/stat" % cfg["host_pid"]) as f:
+            return f.read().rsplit(")", 1)[1].split()[19] == cfg["host_start"]
+    except (OSError, IndexError):
+        return False
 def environ():
+    if not caller_visible():
+        raise OSError("the caller is not visible")
     open("/proc/%d/environ" % cfg["host_pid"], "rb").read()
-out["pid_namespace"] = fails(environ) and not os.path.exists("/proc/%d" % cfg["host_pid"])
+out["pid_namespace"] = fails(environ) and not caller_visible()
 libc.shmget.restype = ctypes.c_int
 libc.msgget.restype = ctypes.c_int
 out["shm"] = libc.shmget(cfg["ipc_key"], 4096, 0o1600) >= 0  # IPC_CREAT
@@ -666,7 +676,8 @@ def _probe_mode(box: Sandbox, mode: str, notes: list[str]) -> Isolation | None:
                          file_size_bytes=1 << 20, memory_bytes=max(box.limits.memory_bytes, 512 << 20))
         forks = 12
         cfg = {"port": listener.getsockname()[1], "unix": str(unix_path), "outside": [str(p) for p in outside],
-               "host_pid": os.getpid(), "ipc_key": ipc_key, "forks": forks, "fill_files": 12, "fill_chunk": chunk}
+               "host_pid": os.getpid(), "host_start": _start_time(os.getpid()), "ipc_key": ipc_key, "forks": forks,
+               "fill_files": 12, "fill_chunk": chunk}
         program = PROBE_PROGRAM.replace("__CFG__", repr(json.dumps(cfg)))
         group_probe: list[bool] = []
         res = _run_probe(box, program, limits, mode, group_probe)
@@ -709,6 +720,11 @@ def _probe_mode(box: Sandbox, mode: str, notes: list[str]) -> Isolation | None:
         listener.close()
         unix_listener.close()
         shutil.rmtree(outside_dir, ignore_errors=True)
+
+
+def _start_time(pid: int) -> str:
+    """Field 22 of /proc/<pid>/stat (start time in clock ticks since boot): tells a process from a pid reuse."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
 
 
 def _run_probe(box: Sandbox, program: str, limits: SandboxLimits, mode: str, group_seen: list) -> SandboxResult:
