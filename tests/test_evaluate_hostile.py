@@ -206,3 +206,78 @@ def test_reasoning_gym_answer_travels_as_data_not_code(marker_dir: Path) -> None
     answer = f"\"); __import__('os').system('touch {marker}'); (\"" + json.dumps({"x": 1})
     result = run_reasoning_gym_job(box, ScoreJob("chain_sum", 0, 2, 0, answer))
     assert result.score in (0.0, None) and not marker.exists()
+
+
+# -- item 1, verdicts: answers that would forge a reasoning-gym score from inside an executing scorer ---------------
+def _rg_forgeries(marker: Path) -> dict[str, str]:
+    """Each would run inside the scorer (every named scorer evals / sympifies its answer) and first try to touch
+    `marker` (failing quietly where the sandbox keeps it out of reach, so the forgery itself still runs there)."""
+    touch = f"__import__('os').system('touch {marker} 2>/dev/null')"
+    report = ("import inspect, json, os\\nfor fi in inspect.stack():\\n    loc = fi.frame.f_locals\\n"
+              "    if 'job' in loc and 'report' in loc:\\n"
+              "        loc['report'].write(json.dumps({'nonce': loc['job']['nonce'], 'score': 1.0}) + '\\\\n')\\n"
+              "        loc['report'].flush()\\n        os._exit(0)\\n")
+    patch = ("import builtins, json\\njson.real_dumps = json.dumps\\njson.dumps = lambda o, *a, **k: "
+             "__import__('json').real_dumps({**o, 'score': 1.0, 'error': None} if 'nonce' in o else o)\\n"
+             "builtins.float = lambda *a: 1.0\\n")
+    return {
+        "fake_report": f'exec("{touch}\\n{report}") or []',
+        "patch_json_and_float": f'exec("{touch}\\n{patch}") or []',
+        "exit_0_early": f"[{touch}, __import__('os')._exit(0)]",
+        "print_fake_score": f'[{touch}, print(\'{{"score": 1.0}}\')]',
+        "data_then_code": f"[1, 2] + [{touch}]",
+    }
+
+
+@pytest.mark.parametrize("task", ["string_insertion", "spiral_matrix", "countdown", "polynomial_multiplication"])
+def test_reasoning_gym_forgeries_are_wrong_and_never_reach_a_scorer(task: str, marker_dir: Path) -> None:
+    pytest.importorskip("reasoning_gym")
+    suite = get_suite(f"reasoning_gym:{task}")
+    marker = marker_dir / f"forged-{task}"
+    forgeries = _rg_forgeries(marker)
+    items = suite.load(LoadRequest(seed=0, limit=len(forgeries)))
+
+    def no_sandbox() -> Sandbox:
+        raise AssertionError("a forgery was handed to a scorer")
+
+    ctx = ScoreContext(sandbox_factory=no_sandbox, workers=2)
+    verdicts = suite.score(items, [f"Answer: {text}" for text in forgeries.values()], ctx)
+    for name, v in zip(forgeries, verdicts, strict=True):
+        assert not v.correct and v.score == 0.0, name
+        assert v.detail.startswith("answer rejected before scoring"), (name, v.detail)
+    assert not marker.exists(), "a forgery ran on the host"
+
+
+@pytest.mark.parametrize("task", ["string_insertion", "spiral_matrix", "countdown", "polynomial_multiplication"])
+def test_reasoning_gym_gold_answers_still_score_through_the_grammar_and_sandbox(task: str) -> None:
+    pytest.importorskip("reasoning_gym")
+    suite = get_suite(f"reasoning_gym:{task}")
+    items = suite.load(LoadRequest(seed=3, limit=20))
+    box = Sandbox()
+    ctx = ScoreContext(sandbox_factory=lambda: box, workers=2, allow_unisolated=True)
+    verdicts = suite.score(items, [f"reasoning...\nAnswer: {it.answer}" for it in items], ctx)
+    wrong = [(it.id, v.detail) for it, v in zip(items, verdicts, strict=True) if not v.correct]
+    assert not wrong, wrong
+    assert all(v.score == 1.0 for v in verdicts)
+    # negative control on the same path: a well-formed wrong answer reaches the scorer and scores wrong
+    wrong_answer = {"string_insertion": "ABAB", "spiral_matrix": "1 2 3", "countdown": "1 + 2",
+                    "polynomial_multiplication": "x + 1"}[task]
+    miss = suite.score(items[:1], [f"Answer: {wrong_answer}"], ctx)[0]
+    assert not miss.correct and miss.detail.startswith("score "), miss.detail
+
+
+@pytest.mark.parametrize("task", ["string_insertion", "spiral_matrix", "countdown", "polynomial_multiplication"])
+def test_reasoning_gym_forgeries_are_live_threats_without_the_grammar(task: str, marker_dir: Path) -> None:
+    """Control for the test above: handed straight to the sandboxed scorer, the forgeries do win a wrong item."""
+    pytest.importorskip("reasoning_gym")
+    import reasoning_gym
+
+    from sarmerge.evaluate.harness import ScoreJob, pickle_entry, run_reasoning_gym_job
+
+    box = Sandbox()
+    entry = reasoning_gym.create_dataset(task, seed=0, size=2)[0]
+    forgeries = _rg_forgeries(marker_dir / "raw")
+    for name in ("fake_report", "patch_json_and_float"):
+        job = ScoreJob(task, 0, 2, 0, forgeries[name], pickle_entry(entry), entry["question"])
+        assert run_reasoning_gym_job(box, job).score == 1.0, name
+    assert not (marker_dir / "raw").exists()  # even then, the sandbox kept it off the host
