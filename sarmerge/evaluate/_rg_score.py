@@ -6,7 +6,9 @@ pickled by the host (trusted data: generators iterate sets, so a regenerated ent
 seed), or, if it would not pickle, regenerated and checked against the host's question. The result goes to the
 report fd the host gave this
 process: {"nonce", "score"} or {"nonce", "error": <exception type name>}. Several reasoning-gym scorers `eval` or
-`sympy.parse_expr` the answer: that is why this runs in the sandbox and nowhere else.
+`sympy.parse_expr` the answer: that is why this runs in the sandbox and nowhere else. Code run that way shares this
+process, so it could also forge the report; the host therefore hands such scorers only answers inside a data grammar
+that cannot name anything but numbers and symbols (sarmerge.evaluate.rg_audit), and refuses tasks it has none for.
 """
 
 import base64
@@ -22,6 +24,8 @@ def main() -> None:
     sys.stdin.close()
     out = {"nonce": job["nonce"]}
     try:
+        if job["answer"] is not None and type(job["answer"]) is not str:
+            raise TypeError("the answer must be text")
         import reasoning_gym
 
         dataset = reasoning_gym.create_dataset(job["task"], seed=job["seed"], size=job["size"])

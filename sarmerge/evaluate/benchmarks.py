@@ -514,7 +514,9 @@ def reasoning_gym_suite(task: str) -> Suite:
                         0.0 if r.score is None else r.score) for r, answer in zip(results, answers, strict=True)]
 
     return Suite(name=f"reasoning_gym:{task}", kind="reasoning", load=load, score=score,
-                 max_new_tokens=512, source=f"reasoning-gym {task}, generated from the seed (scored in the sandbox)",
+                 max_new_tokens=512, source=f"reasoning-gym {task}, generated from the seed (scored in the sandbox"
+                 + ("; answers held to a data grammar" if grammar else "; FORGEABLE scorer, opted in" if sinks else "")
+                 + ")",
                  description=f"reasoning-gym task {task}", sandboxed=True)
 
 
