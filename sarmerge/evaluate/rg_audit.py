@@ -5,9 +5,14 @@ reasoning-gym function, method or class it reaches by name, and records what eac
 text into running code: the builtins eval / exec / compile / __import__, `ast.literal_eval`, a (un)pickler, or anything
 from sympy (`parse_expr`, `sympify`, and nearly every sympy function sympifies a string argument, i.e. evals it).
 Anything outside reasoning-gym that the scorer reaches and that is not on `REVIEWED_MODULES` is recorded too, so a
-third-party parser a new reasoning-gym release brings is flagged, not trusted by default. Names that cannot be
-resolved (a `self.attribute` set at run time, a call through a local variable) are recorded as unresolved; a task
-with one is treated like an executing one.
+third-party parser a new reasoning-gym release brings is flagged, not trusted by default. A `self.attribute` is
+followed into the methods that assign it; one assigned nowhere in reasoning-gym is recorded as unresolved, and a
+task with one is treated like an executing one.
+
+Limits (why the grammar, not the audit, is the guarantee for the tasks it covers): the audit follows names, not data
+flow, so it over-reports (number_sorting and bitwise_arithmetic eval only their own gold data); and a method called
+on a local value (`answer.strip()`, `expr.evaluate()`) is followed only when that value's class was itself reached by
+name, so an object smuggled in some other way would be missed. The dynamic tests confirm the named scorers.
 
 The outcome is frozen below as data (`EXECUTING_SCORERS`, made for `AUDITED_VERSION`); the test suite recomputes it
 and fails when the installed reasoning-gym's scorers say otherwise, so an upgrade cannot silently bring an `eval`.
