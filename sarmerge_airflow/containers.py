@@ -35,10 +35,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from sarmerge.layout import RESULT_PREFIX
 from tasks.containers import DOCKER_SANDBOX_SECURITY_OPT, ContainersCfg, is_secret_env
 from tasks.params import Params, params_path
 
-RESULT_PREFIX = "SARMERGE_RESULT "  # = tasks.common.RESULT_PREFIX (not imported: that module pulls in sarmerge)
 CACHE_MOUNT = "/cache"
 STEP_ENTRYPOINT = "sarmerge-step"
 _URL_RE = re.compile(r"^(unix|tcp|ssh|http|https|npipe)://.+")

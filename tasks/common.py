@@ -12,10 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from sarmerge.errors import SarmergeError
-
-# The last stdout line of every step is `RESULT_PREFIX + json`: the local runner and DockerOperator (which pushes the
-# last log line to XCom) both hand it to the next task.
-RESULT_PREFIX = "SARMERGE_RESULT "
+from sarmerge.layout import RESULT_PREFIX  # the last stdout line of every step: RESULT_PREFIX + json
 
 
 def setup_logging(verbose: bool = False) -> None:

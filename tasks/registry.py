@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from sarmerge.errors import SarmergeError
+from sarmerge.layout import CONTENT_FILES, sha256_file
 
 if TYPE_CHECKING:  # mlflow is imported lazily: steps that only hit a cache should start fast
     from mlflow import MlflowClient
@@ -73,23 +74,6 @@ _DOMAIN_RE = re.compile(r"[a-z0-9][a-z0-9_]{0,31}(\+[a-z0-9][a-z0-9_]{0,31}){0,1
 _MODEL_URI_RE = re.compile(r"models:/(?P<name>[^/@#]+)"
                            r"(?:/(?P<version>[1-9][0-9]{0,9})|@(?P<alias>[A-Za-z0-9_-]{1,255}))")
 _BASE_TAG_RE = re.compile(r"(?P<uri>models:/[^#]+)#sha256=(?P<sha>[0-9a-f]{64})")
-# Files that define a checkpoint's content; README/merge_manifest carry timestamps and are left out of the digest.
-# = (*sarmerge.checkpoint.AUX_FILES, INDEX_FILE), spelled out because importing that module imports torch (3 s)
-# and steps that only hit a cache should start fast; tests/test_pipeline_registry.py keeps the two in step.
-_CONTENT_FILES = (
-    "config.json",
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-    "model.safetensors.index.json",
-)
 
 
 # Validation is always re.fullmatch over ASCII classes: re.match with `$` accepts a trailing newline, and \d or
@@ -143,20 +127,12 @@ def strip_credentials(url: str) -> str:
     return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
 
 
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
-
-
 def content_files(path: Path) -> list[Path]:
     """The files whose bytes define a checkpoint: safetensors weights plus config and tokenizer files."""
     weights = sorted(p for p in path.glob("*.safetensors") if p.is_file())
     if not weights:
         raise SarmergeError(f"{path}: no *.safetensors weights found")
-    return weights + [path / n for n in _CONTENT_FILES if (path / n).is_file()]
+    return weights + [path / n for n in CONTENT_FILES if (path / n).is_file()]
 
 
 def content_digest(path: str | Path) -> str:

@@ -176,9 +176,3 @@ def _pairing(family, env, tmp_path):
     assert tags[reg.TAG_STATE] == "skipped" and "different base" in tags[reg.TAG_REASON]
 
 
-def test_content_digest_covers_every_file_a_merge_copies():
-    """The registry's torch-free list of content files must stay the checkpoint module's auxiliary files + index."""
-    from sarmerge.checkpoint import AUX_FILES, INDEX_FILE
-    from tasks.registry import _CONTENT_FILES
-
-    assert (*AUX_FILES, INDEX_FILE) == _CONTENT_FILES

@@ -7,7 +7,6 @@ the model is loaded; outputs appear atomically (a killed run leaves no half-writ
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import logging
 import time
@@ -32,6 +31,7 @@ from sarmerge.evaluate.backends import (
 from sarmerge.evaluate.benchmarks import Item, LoadRequest, ScoreContext, Suite, resolve_suites
 from sarmerge.evaluate.metrics import summarize
 from sarmerge.evaluate.sandbox import Sandbox, SandboxLimits
+from sarmerge.layout import sha256_file
 
 log = logging.getLogger(__name__)
 
@@ -58,10 +58,6 @@ def parse_data_args(values: Sequence[str], suites: Sequence[Suite]) -> dict[str,
 def load_items(suite: Suite, *, data: Path | None, seed: int, limit: int | None) -> list[Item]:
     items = suite.load(LoadRequest(data=data, seed=seed, limit=limit))
     return items[:limit] if limit else items
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def evaluate(
@@ -136,7 +132,7 @@ def evaluate(
         "sarmerge_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "model": str(model_path.resolve()),
-        "model_config_sha256": _sha256(model_path / "config.json"),
+        "model_config_sha256": sha256_file(model_path / "config.json"),
         "backend": engine.info(),
         "generation": {"n": n, "temperature": temperature, "top_p": top_p, "max_new_tokens": max_new_tokens,
                        "batch_size": batch_size, "chat_template": builder.chat, "limit": limit},
@@ -217,5 +213,5 @@ def _run_suite(suite: Suite, items: list[Item], engine: Any, builder: PromptBuil
         "tokens_per_second": round(tokens / gen_seconds, 2) if gen_seconds > 0 else None,
         "source": suite.source,
         "data_file": str(data_file) if data_file else None,
-        "data_sha256": _sha256(data_file) if data_file else None,
+        "data_sha256": sha256_file(data_file) if data_file else None,
     }
