@@ -4,4 +4,5 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
+.venv/bin/ruff check .          # style and lint (the layering contracts run inside pytest: tests/test_layering.py)
 exec .venv/bin/python -m pytest "$@"
