@@ -183,7 +183,8 @@ def test_promote_in_the_mlflow_ui_then_regression_checks_that_version(pipeline, 
         gates = re.findall(r"(noninferior:\S+|vs_base:\S+)\s+\S*\s*pass\s+([+-]\d\.\d{3} \[[+-]\d\.\d{3}, "
                            r"[+-]\d\.\d{3}\])", page)
         assert len(gates) == 4, page[:4000]
-        assert "Decision size" in page and "@ candidate" in page
+        assert "Decision size" in page
+        browser.visible("//*[@title='candidate' and @role='status']")  # the alias tag beside the version
         # the links to the report and the per-sample verdicts are on the page, and serve those files
         (report,) = browser.hrefs("analysis report")
         (samples,) = browser.hrefs("per-sample verdicts")
