@@ -206,7 +206,8 @@ def test_promote_in_the_mlflow_ui_then_regression_checks_that_version(pipeline, 
         browser.type(combobox, ENTER)
         browser.screenshot(tmp_path / "3-alias-dialog.png")
         browser.click("//button[@data-component-id='mlflow.edit-aliases-modal.save-button']")
-        browser.visible("//*[@title='champion' and @role='status']")
+        # saved: the dialog closes and the page shows the new alias beside the version
+        browser.visible("//*[@title='champion' and @role='status' and not(ancestor::div[@role='dialog'])]")
         browser.screenshot(tmp_path / "4-champion.png")
     finally:
         browser.quit()
