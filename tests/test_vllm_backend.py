@@ -3,7 +3,8 @@
 
 vLLM's CPU build cannot share the main venv (it pins transformers < 5.20), so it runs in its own: build it with
 `bash scripts/vllm_venv.sh`; without it every test here is skipped, saying so. Each vLLM run pays ~25 s of import and
-~1 min of engine start on 2 loaded cores, hence few, larger runs.
+~1 min of engine start on 2 quiet cores (~4 min at load average 15), hence three runs in all: the whole file took
+21 min on the loaded 2-core machine.
 
 Greedy completions must agree exactly (both backends in float32). Where SmolLM2's disagree, the test checks the
 explanation instead of hiding it: at the first diverging token, HF's own top-2 logits must be a near tie (kernels that
