@@ -25,9 +25,8 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 VLLM_VENV = Path(os.environ.get("SARMERGE_VLLM_VENV", REPO_ROOT / ".venv-vllm"))
 VLLM_PYTHON = VLLM_VENV / "bin" / "python"
 
-# TODO(lead): register a `vllm` marker in pyproject and mark these with it; until then they ride the slow tier.
 pytestmark = [
-    pytest.mark.slow,
+    pytest.mark.vllm,
     pytest.mark.skipif(not VLLM_PYTHON.exists(), reason=f"no vLLM venv at {VLLM_VENV}: build it with "
                                                         "`bash scripts/vllm_venv.sh` (~10 min once, ~2.5 GB)"),
 ]
