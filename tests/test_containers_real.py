@@ -5,7 +5,8 @@ layers), and SARMERGE_CONTAINERS=1: without it the tier is skipped; with it, any
 module starts its own `podman system service` on a temporary socket and stops it by PID.
 
 The headline check: `merge_on_upload` run with `pipeline.runner: docker` (every step a container, the GPU step on the
-CPU image without a device) writes merged weights with the same sha256 as the same DAG on the local runner.
+CPU image without a device) writes merged weights with the same sha256 as the same DAG on the local runner. The
+evaluation sandbox is checked inside step containers with the security options the runner renders (issue 11 item 5).
 """
 
 from __future__ import annotations
