@@ -407,3 +407,23 @@ def test_mbpp_fixture_solutions_pass_and_wrong_ones_fail(box: Sandbox) -> None:
     assert all(v.correct for v in good), [v.detail for v in good]
     wrong = _score(items, ["```python\ndef larger(a, b):\n    return a\n```"] * len(items), box)
     assert not any(v.correct for v in wrong)
+
+
+def test_a_venv_under_tmp_stays_visible_beside_the_scratch_tmpfs(box: Sandbox, shared: Path) -> None:
+    """Sandboxed scorers run the venv's interpreter; a checkout under /tmp (CI's) must not be hidden by the scratch
+    tmpfs mounted at /tmp inside the sandbox (bwrap mounts in order: the tmpfs first, the binds on top)."""
+    import subprocess
+    import sys
+
+    if box.isolation.mode != "bwrap":
+        pytest.skip(f"bwrap mode only (this machine: {box.isolation.mode})")
+    venv = shared / "venv"
+    subprocess.run([sys.base_prefix + "/bin/python3", "-m", "venv", "--without-pip", str(venv)], check=True)
+    (venv / "marker.txt").write_text("visible")
+    os.chmod(shared, 0o755)
+    moved = Sandbox(box.limits)
+    moved._venv, moved._venv_python = venv, str(venv / "bin" / "python")
+    res = moved.execute({"main.py": "import sys\nprint(sys.prefix, open(sys.prefix + '/marker.txt').read())\n"},
+                        lambda files: [files + "/main.py"], venv=True)
+    assert res.passed, res.reason + res.stderr[-500:]
+    assert res.stdout.split() == [str(venv), "visible"]

@@ -319,13 +319,15 @@ class Sandbox:
                 cmd += ["--symlink", os.readlink(top), top]
             elif os.path.isdir(top):
                 cmd += ["--ro-bind", top, top]
+        # the scratch tmpfs goes first: bwrap mounts in order, and a venv or interpreter under /tmp (a CI checkout,
+        # say) must be bound on top of it, not hidden by it
+        cmd += ["--size", str(limits.scratch_bytes), "--tmpfs", INSIDE_SCRATCH]
         for path in binds:
             cmd += ["--ro-bind", sources[str(path)], str(path)]
         cmd += ["--ro-bind", str(run_dir / "files"), INSIDE_FILES, "--proc", "/proc", "--dev", "/dev",
                 # /dev is a tmpfs without a size: read-only, with a small /dev/shm for POSIX semaphores
                 "--size", str(1 << 20), "--tmpfs", "/dev/shm", "--remount-ro", "/dev",
-                "--size", str(limits.scratch_bytes), "--tmpfs", INSIDE_SCRATCH, "--remount-ro", "/",
-                "--chdir", INSIDE_SCRATCH, "--clearenv"]
+                "--remount-ro", "/", "--chdir", INSIDE_SCRATCH, "--clearenv"]
         return cmd
 
     def _env(self, scratch: str) -> dict[str, str]:
