@@ -7,7 +7,9 @@ versioned model in MLflow without a human.
 2. builds the tiny RLVR family with the zoo (`sarmerge zoo tiny`, cached by the zoo) unless --family is given;
 3. uploads with `sarmerge register`: the base, the math specialist (no partner yet: recorded as skipped), then the
    code specialist, whose registration alone starts merge_on_upload: Fisher → SAR and the comparison methods →
-   evaluation → analysis → DVC → registered merged versions → gates → alias `candidate`;
+   evaluation → analysis → DVC → registered merged versions → paired gates → alias `candidate` when every gate
+   passes (at the default 64 problems per suite the gates are underpowered and say `inconclusive`, so a person
+   decides in the MLflow UI with the evidence);
 4. waits, then prints the result table, the trigger latencies, the UI URLs, and the command that stops everything.
 """
 
@@ -120,7 +122,7 @@ def result_table(client: Any, params: Params) -> str:
             if ref:
                 aliases.setdefault(ref.version, []).append(alias)
         suites = sorted({s for v in versions for s in json.loads(v.tags.get(reg.TAG_SCORES, "{}"))})
-        head = f"{'model':<34}" + "".join(f"{s:>12}" for s in suites) + f"  {'gate':<6}aliases"
+        head = f"{'model':<34}" + "".join(f"{s:>12}" for s in suites) + f"  {'gate':<13}aliases"
         lines += [f"\n{fam.merged_model} (family {fam.name})", head, "-" * len(head)]
         by_job: dict[str, list[reg.ModelRef]] = {}
         for v in sorted(versions, key=lambda v: int(v.version)):
@@ -134,7 +136,7 @@ def result_table(client: Any, params: Params) -> str:
                 scores = json.loads(v.tags.get(reg.TAG_SCORES, "{}"))
                 label = f"  v{v.version} {v.tags.get(reg.TAG_METHOD, '?')}"
                 lines.append(f"{label:<34}" + "".join(f"{scores.get(s, float('nan')):>12.3f}" for s in suites)
-                             + f"  {v.tags.get(reg.TAG_GATE, '?'):<6}{','.join(aliases.get(v.version, []))}")
+                             + f"  {v.tags.get(reg.TAG_GATE, '?'):<13}{','.join(aliases.get(v.version, []))}")
             parent_names = sorted({k.split(".")[1] for k in metrics if k.startswith("parent.")})
             for p in parent_names:
                 row = [metrics.get(f"parent.{p}.{reg.safe_key(s)}", float("nan")) for s in suites]
