@@ -143,3 +143,11 @@ def test_experiment_end_to_end_on_a_cheap_family(tmp_path, monkeypatch):
     assert experiment.main(["--out", str(out), "--report-only", "--report", str(report), "--plots-dir",
                             str(plots)]) == 0
     assert report.read_text() == text
+    # sections other tools append after the keep marker survive a rerun of the report
+    from bench.experiment.driver import KEEP_MARKER
+
+    report.write_text(text + "\n" + KEEP_MARKER + "\n## Appended by another tool\nrow\n")
+    assert experiment.main(["--out", str(out), "--report-only", "--report", str(report), "--plots-dir",
+                            str(plots)]) == 0
+    rerun = report.read_text()
+    assert rerun.startswith(text.rstrip("\n")) and rerun.endswith(KEEP_MARKER + "\n## Appended by another tool\nrow\n")

@@ -35,6 +35,8 @@ from bench.experiment.report import compact, make_plots, render_report, verdicts
 from bench.experiment.statistics import _differs, canonical, coordinate_ascent, selection_score, summarize
 from sarmerge.errors import SarmergeError
 
+KEEP_MARKER = "<!-- sections below are written by other tools; bench.experiment keeps them -->"
+
 __all__ = [
     "Runner",
     "Scorer",
@@ -318,7 +320,10 @@ def write_outputs(results: dict[str, Any], opt: Options) -> None:
         (opt.plots_dir / "results.json").write_text(json.dumps(compact(results), indent=1, default=str) + "\n")
     if opt.report is not None:
         opt.report.parent.mkdir(parents=True, exist_ok=True)
-        opt.report.write_text(render_report(results, opt))
+        # sections other tools write (bench.geometry_literature) follow KEEP_MARKER and survive a rerun
+        old = opt.report.read_text() if opt.report.exists() else ""
+        kept = old[old.index(KEEP_MARKER):] if KEEP_MARKER in old else ""
+        opt.report.write_text(render_report(results, opt).rstrip("\n") + ("\n\n\n" + kept if kept else "\n"))
 
 
 def family_geometry(fam: Family) -> dict[str, Any]:
