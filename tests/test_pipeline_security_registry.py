@@ -45,10 +45,12 @@ def test_ledger_paths_refuse_lax_versions(tmp_path: Path) -> None:
 
 @pytest.fixture(scope="module")
 def family(tmp_path_factory):
-    return make_family(tmp_path_factory.mktemp("secfam"), [("math_s0", "math", 41), ("code_s0", "code", 42),
-                                                           ("chem_s0", "code", 43), ("nl_s0", "code", 44),
-                                                           ("code_s1", "code", 45), ("math_s1", "math", 46)],
-                       base_seed=3)
+    # seeds no other test module uses: the session's MLflow server would otherwise already hold this content
+    # (registration dedupes by sha256), and the test would see another module's versions
+    return make_family(tmp_path_factory.mktemp("secfam"), [("math_s0", "math", 141), ("code_s0", "code", 142),
+                                                           ("chem_s0", "code", 143), ("nl_s0", "code", 144),
+                                                           ("code_s1", "code", 145), ("math_s1", "math", 146)],
+                       base_seed=11)
 
 
 def _params(tmp_path: Path, prefix: str, **sections) -> Path:
