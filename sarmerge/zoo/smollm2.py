@@ -24,7 +24,7 @@ import os
 import platform
 import shutil
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -234,17 +234,26 @@ def build_smollm2_family(out: str | Path | None = None, seed: int = 0, *, cache_
     root = Path(cache_dir) if cache_dir not in (None, True, False) else default_cache_root()
     source = smollm2_checkpoint(root)
     gguf_digest = json.loads((source / "sarmerge_source.json").read_text())["sha256"]
+    return _cached_build(out, root, cache_dir=cache_dir, overwrite=overwrite, prefix="smollm2-family",
+                         key=_key(cfg, gguf_digest), threads=cfg.threads, what="build_smollm2_family",
+                         build=lambda tmp, key: _build(tmp, cfg, source, key, progress))
+
+
+def _cached_build(out: Path | None, root: Path, *, cache_dir: Any, overwrite: bool, prefix: str, key: str,
+                  threads: int, what: str, build: Callable[[Path, str], None]) -> dict:
+    """Build a family into the cache entry `<root>/<prefix>-<key>` once (under a lock), then copy it to `out`;
+    with the cache off (`cache_dir=False`) build straight into `out`. Every output folder is written atomically."""
     if cache_dir is False:
         if out is None:
-            raise SarmergeError("build_smollm2_family: give `out` when the cache is off")
-        with _torch_settings(cfg.threads), atomic_output_dir(out, overwrite=overwrite) as tmp:
-            _build(tmp, cfg, source, _key(cfg, gguf_digest), progress)
+            raise SarmergeError(f"{what}: give `out` when the cache is off")
+        with _torch_settings(threads), atomic_output_dir(out, overwrite=overwrite) as tmp:
+            build(tmp, key)
         return load_family(out)
-    entry = root / f"smollm2-family-{_key(cfg, gguf_digest)}"
+    entry = root / f"{prefix}-{key}"
     with _lock(root / f".{entry.name}.lock"):
         if not (entry / "family.json").exists():
-            with _torch_settings(cfg.threads), atomic_output_dir(entry, overwrite=True) as tmp:
-                _build(tmp, cfg, source, entry.name.removeprefix("smollm2-family-"), progress)
+            with _torch_settings(threads), atomic_output_dir(entry, overwrite=True) as tmp:
+                build(tmp, key)
     if out is None:
         return load_family(entry)
     with atomic_output_dir(out, overwrite=overwrite) as tmp:
@@ -530,19 +539,6 @@ def build_smollm2_grpo_family(out: str | Path | None = None, seed: int = 0, *,
     root = Path(cache_dir) if cache_dir not in (None, True, False) else default_cache_root()
     source = smollm2_checkpoint(root)
     gguf_digest = json.loads((source / "sarmerge_source.json").read_text())["sha256"]
-    if cache_dir is False:
-        if out is None:
-            raise SarmergeError("build_smollm2_grpo_family: give `out` when the cache is off")
-        with _torch_settings(cfg.threads), atomic_output_dir(out, overwrite=overwrite) as tmp:
-            _build_trl(tmp, cfg, source, _trl_key(cfg, gguf_digest), progress)
-        return load_family(out)
-    entry = root / f"smollm2-grpo-family-{_trl_key(cfg, gguf_digest)}"
-    with _lock(root / f".{entry.name}.lock"):
-        if not (entry / "family.json").exists():
-            with _torch_settings(cfg.threads), atomic_output_dir(entry, overwrite=True) as tmp:
-                _build_trl(tmp, cfg, source, entry.name.removeprefix("smollm2-grpo-family-"), progress)
-    if out is None:
-        return load_family(entry)
-    with atomic_output_dir(out, overwrite=overwrite) as tmp:
-        shutil.copytree(entry, tmp, dirs_exist_ok=True)
-    return load_family(out)
+    return _cached_build(out, root, cache_dir=cache_dir, overwrite=overwrite, prefix="smollm2-grpo-family",
+                         key=_trl_key(cfg, gguf_digest), threads=cfg.threads, what="build_smollm2_grpo_family",
+                         build=lambda tmp, key: _build_trl(tmp, cfg, source, key, progress))
