@@ -16,6 +16,7 @@ import argparse
 import dataclasses
 import json
 from pathlib import Path
+from typing import Any
 
 from sarmerge.errors import SarmergeError
 
@@ -138,16 +139,21 @@ def _smollm2(args: argparse.Namespace) -> int:
         print(f"SmolLM2-135M-Instruct HF checkpoint in {args.out} (converted once into {source})")
         return 0
     cfg = smollm2.SmolFamilyConfig(tasks=tuple(x for x in args.tasks.split(",") if x), device=args.device)
+    _apply_overrides(cfg, args)
+    family = smollm2.build_smollm2_family(args.out, args.seed, cache_dir=_cache(args), overwrite=args.overwrite,
+                                          progress=not args.no_progress, config=cfg)
+    _print_family(family)
+    return 0
+
+
+def _apply_overrides(cfg: Any, args: argparse.Namespace) -> None:
+    """The GRPO and family flags both SmolLM2 commands share, applied where given."""
     grpo_overrides = {k: v for k, v in {"steps": args.steps, "lr": args.lr, "prompts": args.prompts,
                                          "group": args.group}.items() if v is not None}
     cfg.grpo = dataclasses.replace(cfg.grpo, **grpo_overrides)
     for name in ("seeds_per_task", "test_problems", "threads"):
         if getattr(args, name) is not None:
             setattr(cfg, name, getattr(args, name))
-    family = smollm2.build_smollm2_family(args.out, args.seed, cache_dir=_cache(args), overwrite=args.overwrite,
-                                          progress=not args.no_progress, config=cfg)
-    _print_family(family)
-    return 0
 
 
 def _smollm2_grpo(args: argparse.Namespace) -> int:
@@ -156,12 +162,7 @@ def _smollm2_grpo(args: argparse.Namespace) -> int:
     cfg = smollm2.SmolGRPOFamilyConfig(device=args.device)
     if args.tasks is not None:
         cfg.tasks = tuple(x for x in args.tasks.split(",") if x)
-    grpo_overrides = {k: v for k, v in {"steps": args.steps, "lr": args.lr, "prompts": args.prompts,
-                                         "group": args.group}.items() if v is not None}
-    cfg.grpo = dataclasses.replace(cfg.grpo, **grpo_overrides)
-    for name in ("seeds_per_task", "test_problems", "threads"):
-        if getattr(args, name) is not None:
-            setattr(cfg, name, getattr(args, name))
+    _apply_overrides(cfg, args)
     family = smollm2.build_smollm2_grpo_family(args.out, args.seed, cache_dir=_cache(args), overwrite=args.overwrite,
                                                progress=not args.no_progress, config=cfg)
     _print_family(family)
