@@ -12,6 +12,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from sarmerge.errors import SarmergeError
 from sarmerge.methods import MergeMethod, Params, get_method
+from sarmerge.options import describe_errors
 
 DType = Literal["float32", "float64", "bfloat16", "float16"]
 
@@ -92,7 +93,7 @@ class MergeConfig(BaseModel):
         try:
             return self.spec.params.model_validate(merged)
         except ValidationError as e:
-            raise ValueError(_describe(e, f"parameters of method {self.method!r}")) from None
+            raise ValueError(describe_errors(e, f"parameters of method {self.method!r}")) from None
 
     def params_for(self, tensor_name: str) -> Params:
         for o in self.overrides:
@@ -105,17 +106,6 @@ class MergeConfig(BaseModel):
         data = self.model_dump(mode="json")
         data["parameters"] = self.method_params().recorded()
         return data
-
-
-def _describe(e: ValidationError, where: str) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = err["msg"]
-        if err["type"] == "extra_forbidden":
-            msg = "unknown field"
-        parts.append(f"{where}: field '{loc}': {msg} (got {err.get('input')!r})")
-    return "; ".join(parts)
 
 
 def load_config(path: str | Path) -> MergeConfig:
@@ -139,7 +129,7 @@ def parse_config(raw: Any, *, source: str = "config", root: Path | None = None) 
     try:
         cfg = MergeConfig.model_validate(raw)
     except ValidationError as e:
-        raise SarmergeError(_describe(e, source)) from None
+        raise SarmergeError(describe_errors(e, source)) from None
     if root is not None:
 
         def fix(p: str | None) -> str | None:

@@ -24,9 +24,14 @@ from tasks.workspace import Workspace
 SUMMARY = "summary.json"
 
 
+# evaluation options that change where and how fast it runs, not the scores
+OPERATIONAL = {"device", "threads", "workers", "allow_unisolated"}
+
+
 def eval_settings(cfg: EvaluateCfg, suites: list[str], limit: int | None = None) -> dict[str, Any]:
-    return {"suites": sorted(suites), "limit": limit or cfg.limit, "seed": cfg.seed, "backend": cfg.backend,
-            "batch_size": cfg.batch_size, "max_new_tokens": cfg.max_new_tokens}
+    """The settings that determine an evaluation's scores: its cache key and the registry's `sarmerge.eval` tag."""
+    settings = cfg.options().model_dump(mode="json", exclude=OPERATIONAL)
+    return {**settings, "suites": sorted(suites), "limit": limit or cfg.limit}
 
 
 def evaluate_dir(model_dir: Path, out: Path, cfg: EvaluateCfg, suites: list[str], *, limit: int | None = None,
@@ -39,9 +44,8 @@ def evaluate_dir(model_dir: Path, out: Path, cfg: EvaluateCfg, suites: list[str]
     def compute(dest: Path) -> None:
         from sarmerge.evaluate import evaluate
 
-        evaluate(model_dir, settings["suites"], out=dest, limit=settings["limit"], seed=cfg.seed,
-                 backend=cfg.backend, batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens,
-                 device=cfg.device, progress=sys.stderr.isatty(), allow_unisolated=cfg.allow_unisolated)
+        evaluate(model_dir, settings["suites"], cfg.options(), out=dest, limit=settings["limit"],
+                 progress=sys.stderr.isatty())
 
     if params is None:
         compute(out)

@@ -37,7 +37,9 @@ def fisher_for(ws: Workspace, parent: str) -> dict[str, Any]:
         raise SarmergeError(f"{data}: calibration data for domain {domain!r} is missing from the workspace inputs")
     model_dir = ws.input_dir(parent)
     known = ws.meta.get("parents", {}).get(parent, {}).get("sha256")
-    settings = cfg.model_dump(mode="json", exclude={"data", "device"})
+    options = cfg.options()
+    # where and how fast it runs does not change the result
+    settings = options.model_dump(mode="json", exclude={"device", "threads", "checkpoint_every"})
     key = {"model": checkpoint_digest(model_dir, known), "data": sha256_file(data), "settings": settings,
            "support_of": checkpoint_digest(ws.base_dir, ws.meta.get("base", {}).get("sha256"))
            if cfg.support_only else None}
@@ -45,11 +47,8 @@ def fisher_for(ws: Workspace, parent: str) -> dict[str, Any]:
     def compute(dest: Path) -> None:
         from sarmerge.fisher import run_fisher
 
-        run_fisher(model_dir, data, dest, mode=cfg.mode, examples=cfg.examples,
-                   support_of=ws.base_dir if cfg.support_only else None, device=cfg.device,
-                   batch_size=cfg.batch_size, max_new_tokens=cfg.max_new_tokens, seed=cfg.seed,
-                   resume=True, state_dir=ws.tmp / "fisher-state" / parent, checkpoint_every=16,
-                   progress=sys.stderr.isatty())
+        run_fisher(model_dir, data, dest, options, support_of=ws.base_dir if cfg.support_only else None,
+                   resume=True, state_dir=ws.tmp / "fisher-state" / parent, progress=sys.stderr.isatty())
 
     hit = cached(ws.params, "fisher", key, out, compute)
     return {"parent": parent, "fisher": str(out), "cached": hit}

@@ -16,7 +16,26 @@ from typing import Any
 
 from sarmerge.errors import SarmergeError
 from tasks.common import step_main
+from tasks.params import Params
 from tasks.workspace import Workspace
+
+
+def check_methods(params: Params, source: str = "params.yaml") -> None:
+    """Validate every `merge.methods` entry against its method's schema: when the params load (plan, stack up), not
+    in the merge step after Fisher has run."""
+    from pydantic import ValidationError
+
+    from sarmerge.methods import get_method
+    from sarmerge.options import describe_errors
+
+    for name, parameters in params.merge.methods.items():
+        where = f"{source}: merge.methods.{name}"
+        try:
+            get_method(name).params.model_validate(parameters)
+        except SarmergeError as e:
+            raise SarmergeError(f"{where}: {e}") from None
+        except ValidationError as e:
+            raise SarmergeError(describe_errors(e, where)) from None
 
 
 def merge_config(ws: Workspace, method: str) -> dict[str, Any]:

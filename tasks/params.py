@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from sarmerge.errors import SarmergeError
+from sarmerge.options import EvaluateOptions, FisherOptions, describe_errors
 from tasks.containers import ContainersCfg
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -101,29 +102,25 @@ class MergeCfg(_Strict):
         return self
 
 
-class FisherCfg(_Strict):
-    mode: Literal["sampled", "empirical"] = "sampled"
-    examples: int = Field(16, ge=1)
-    batch_size: int = Field(4, ge=1)
-    max_new_tokens: int = Field(16, ge=1)
-    seed: int = 0
-    support_only: bool = True
-    device: str | None = None
+class FisherCfg(FisherOptions):
+    """Every `sarmerge fisher` option (sarmerge.options.FisherOptions), plus the pipeline's own keys."""
+
+    support_only: bool = Field(True, description="store Fisher only where the checkpoint moved (all SAR needs)")
     data: dict[str, str] = Field(default_factory=lambda: {"math": "math", "code": "code"},
                                  description="domain → calibration JSONL (path or shipped name), used when the "
                                              "checkpoint was registered without --calib")
 
+    def options(self) -> FisherOptions:
+        return FisherOptions.model_validate(self.model_dump(include=set(FisherOptions.model_fields)))
 
-class EvaluateCfg(_Strict):
+
+class EvaluateCfg(EvaluateOptions):
+    """Every `sarmerge evaluate` option (sarmerge.options.EvaluateOptions), plus the domain → suite map."""
+
     suites: dict[str, str] = Field(description="domain → evaluation suite (own-domain score)", min_length=1)
-    limit: int | None = Field(32, ge=1)
-    seed: int = 0
-    backend: str = "hf"
-    batch_size: int = Field(16, ge=1)
-    max_new_tokens: int | None = Field(None, ge=1)
-    device: str | None = None
-    # run code / reasoning-gym suites even where the sandbox cannot isolate (no bwrap / user namespaces)
-    allow_unisolated: bool = False
+
+    def options(self) -> EvaluateOptions:
+        return EvaluateOptions.model_validate(self.model_dump(include=set(EvaluateOptions.model_fields)))
 
 
 class AnalyzeCfg(_Strict):
@@ -221,15 +218,6 @@ class Params(_Strict):
         return os.environ.get("SARMERGE_RUNNER") or self.pipeline.runner
 
 
-def _describe(e: ValidationError, source: str) -> str:
-    parts = []
-    for err in e.errors():
-        loc = ".".join(str(x) for x in err["loc"]) or "(top level)"
-        msg = "unknown field" if err["type"] == "extra_forbidden" else err["msg"]
-        parts.append(f"{source}: field '{loc}': {msg} (got {err.get('input')!r})")
-    return "; ".join(parts[:5]) + (f"; and {len(parts) - 5} more" if len(parts) > 5 else "")
-
-
 def params_path(explicit: str | Path | None = None) -> Path:
     return Path(explicit or os.environ.get("SARMERGE_PARAMS") or DEFAULT_PARAMS)
 
@@ -251,7 +239,7 @@ def parse_params(raw: Any, source: str = "params.yaml") -> Params:
     try:
         return Params.model_validate(raw)
     except ValidationError as e:
-        raise SarmergeError(_describe(e, source)) from None
+        raise SarmergeError(describe_errors(e, source)) from None
 
 
 def dump_params(params: Params) -> str:

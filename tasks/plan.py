@@ -27,6 +27,7 @@ from tasks import registry as reg
 from tasks.cache import cached
 from tasks.common import fault_point, step_main
 from tasks.ledger import Ledger
+from tasks.merge import check_methods
 from tasks.params import JobCfg, JobParent, Params, load_params
 from tasks.workspace import Workspace
 
@@ -391,8 +392,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--events", default="[]", help="JSON list of {name, version}")
     p.add_argument("--dag-run", required=True, help="owner of the claims (the Airflow run id)")
     args = p.parse_args(argv)
-    return step_main("tasks.plan", lambda: Planner(load_params(), reg.get_client(), args.dag_run)
-                     .plan(parse_events(args.events)))
+
+    def body() -> dict[str, Any]:
+        params = load_params()
+        check_methods(params)  # a bad merge.methods entry fails here, before anything is claimed or computed
+        return Planner(params, reg.get_client(), args.dag_run).plan(parse_events(args.events))
+
+    return step_main("tasks.plan", body)
 
 
 if __name__ == "__main__":

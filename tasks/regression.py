@@ -78,6 +78,7 @@ def _recorded_evaluation(client: Any, ref: reg.ModelRef, dest: Path) -> Path | N
 
 
 def check_version(params: Params, client: Any, ref: reg.ModelRef, alias: str) -> dict[str, Any]:
+    from sarmerge.options import EvaluateOptions
     from tasks.evaluate import evaluate_dir
     from tasks.evidence import load_evaluation
 
@@ -94,8 +95,9 @@ def check_version(params: Params, client: Any, ref: reg.ModelRef, alias: str) ->
     if not model_dir.is_dir():
         cached(params, "models", {"sha256": ref.sha256}, model_dir,
                lambda scratch: reg.download_checkpoint(client, ref, scratch))
+    # evaluate as at registration: every recorded setting that determines the scores
     cfg = params.evaluate.model_copy(update={k: v for k, v in settings.items()
-                                             if k in ("seed", "backend", "batch_size", "max_new_tokens")})
+                                             if k in EvaluateOptions.model_fields and k != "limit"})
     limit = params.regression.limit or settings.get("limit") or params.evaluate.limit
     t0 = time.perf_counter()
     evaluate_dir(model_dir, area / f"eval-{stamp}", cfg, sorted(recorded.scores), limit=limit)

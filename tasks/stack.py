@@ -439,7 +439,9 @@ class Stack:
         out = self.dir / "params.yaml"
         out.write_text(f"# {params_file} with the DVC remote of this stack (tasks/stack.py)\n"
                        + yaml.safe_dump(raw, sort_keys=False))
-        load_params(out)  # fail now, naming the file, rather than in every DAG parse
+        from tasks.merge import check_methods
+
+        check_methods(load_params(out), str(params_file))  # fail now, naming the file, not in every DAG parse
         return out
 
     def _celery_settings(self, state: dict[str, Any], secret_lines: dict[str, str], metadata_db: str, broker: str,

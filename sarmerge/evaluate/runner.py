@@ -30,8 +30,9 @@ from sarmerge.evaluate.backends import (
 )
 from sarmerge.evaluate.benchmarks import Item, LoadRequest, ScoreContext, Suite, resolve_suites
 from sarmerge.evaluate.metrics import summarize
-from sarmerge.evaluate.sandbox import Sandbox, SandboxLimits
+from sarmerge.evaluate.sandbox import Sandbox
 from sarmerge.layout import sha256_file
+from sarmerge.options import EvaluateOptions
 
 log = logging.getLogger(__name__)
 
@@ -63,51 +64,37 @@ def load_items(suite: Suite, *, data: Path | None, seed: int, limit: int | None)
 def evaluate(
     model_dir: str | Path,
     suites: str | Sequence[str] = "math,code",
+    options: EvaluateOptions | None = None,
     *,
     out: str | Path | None = None,
-    limit: int | None = None,
-    n: int = 1,
-    temperature: float = 0.0,
-    top_p: float = 1.0,
-    backend: str = "auto",
-    batch_size: int = 16,
-    max_new_tokens: int | None = None,
-    seed: int = 0,
     data: Mapping[str, str | Path] | None = None,
-    device: str | None = None,
-    dtype: str = "auto",
-    use_chat_template: bool = True,
-    sandbox_limits: SandboxLimits | None = None,
-    workers: int | None = None,
     progress: bool = True,
     overwrite: bool = False,
-    allow_unisolated: bool = False,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Evaluate a checkpoint on benchmark suites; returns the summary (also written to OUT/summary.json).
 
     `suites`: names, groups (`math`, `code`) or families (`reasoning_gym:<task>`), comma-separated or a list.
-    `n` samples per problem (temperature 0 = greedy); `data` maps suite names to the user's own data files.
+    The knobs are `EvaluateOptions` (an object, keyword arguments, or both): `n` samples per problem (temperature 0
+    = greedy), `limit`, backend, sandbox limits ... `data` maps suite names to the user's own data files.
     Suites that run model output (code, reasoning-gym) refuse to start, before the model loads, when the sandbox
     cannot isolate on this machine, unless `allow_unisolated=True`; the summary's `sandbox` records the mode and
     every probed guarantee either way.
     """
     started = time.perf_counter()
-    if limit is not None and limit < 1:
-        raise SarmergeError(f"--limit must be >= 1, got {limit}")
-    if n < 1:
-        raise SarmergeError(f"--n must be >= 1, got {n}")
-    if temperature < 0:
-        raise SarmergeError(f"--temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise SarmergeError(f"--top-p must be in (0, 1], got {top_p}")
-    if max_new_tokens is not None and max_new_tokens < 1:
-        raise SarmergeError(f"--max-new-tokens must be >= 1, got {max_new_tokens}")
+    opts = EvaluateOptions.resolve(options, settings, where="evaluate")
+    limit, n, temperature, top_p, seed = opts.limit, opts.n, opts.temperature, opts.top_p, opts.seed
+    batch_size, max_new_tokens, allow_unisolated = opts.batch_size, opts.max_new_tokens, opts.allow_unisolated
+    if opts.threads:
+        import torch
+
+        torch.set_num_threads(opts.threads)
     chosen = resolve_suites(suites)
     data_files = {k: Path(v) for k, v in (data or {}).items()}
     unknown = set(data_files) - {s.name for s in chosen}
     if unknown:
         raise SarmergeError(f"data given for suites not being evaluated: {', '.join(sorted(unknown))}")
-    backend_name = resolve_backend(backend)
+    backend_name = resolve_backend(opts.backend)
     model_path = check_model_dir(model_dir)
     out_path = Path(out) if out is not None else None
     if out_path is not None and out_path.exists() and not overwrite:
@@ -118,16 +105,16 @@ def evaluate(
 
     def sandbox() -> Sandbox:
         if not sandboxes:
-            sandboxes.append(Sandbox(sandbox_limits))
+            sandboxes.append(Sandbox(opts.sandbox_limits()))
         return sandboxes[0]
 
     sandboxed = [s.name for s in chosen if s.sandboxed]
     if sandboxed:  # refuse before the (slow) model load, not after generation
         sandbox().require_isolation(allow_unisolated, what=f"suites {', '.join(sandboxed)}")
     tokenizer = load_model_tokenizer(model_path)
-    builder = PromptBuilder(tokenizer, use_chat_template=use_chat_template)
-    engine = make_backend(backend_name, model_path, tokenizer, device=device, dtype=dtype, batch_size=batch_size,
-                          seed=seed)
+    builder = PromptBuilder(tokenizer, use_chat_template=opts.use_chat_template)
+    engine = make_backend(backend_name, model_path, tokenizer, device=opts.device, dtype=opts.dtype,
+                          batch_size=batch_size, seed=seed)
     summary: dict[str, Any] = {
         "sarmerge_version": __version__,
         "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
@@ -148,7 +135,7 @@ def evaluate(
                     suite, loaded[suite.name], engine, builder, sandbox, samples_fh,
                     SamplingSettings(n=n, temperature=temperature, top_p=top_p,
                                      max_new_tokens=max_new_tokens or suite.max_new_tokens, seed=seed),
-                    data_file=data_files.get(suite.name), workers=workers, progress=progress,
+                    data_file=data_files.get(suite.name), workers=opts.workers, progress=progress,
                     allow_unisolated=allow_unisolated)
         finally:
             if samples_fh is not None:

@@ -7,12 +7,12 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from sarmerge.errors import SarmergeError
 from sarmerge.hf import encode_prompt
+from sarmerge.options import Mode
 
-Mode = Literal["sampled", "empirical"]
 DATA_DIR = Path(__file__).resolve().parent.parent / "data"
 SHIPPED_DATA = {"math": DATA_DIR / "calib_math.jsonl", "code": DATA_DIR / "calib_code.jsonl"}
 

@@ -7,7 +7,7 @@ import contextlib
 import logging
 import warnings
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from torch import nn
@@ -15,10 +15,10 @@ from torch import nn
 from sarmerge.errors import SarmergeError
 from sarmerge.fisher.batches import Batch, _accepts_logits_to_keep, make_batch, response_logprob
 from sarmerge.fisher.data import Example
+from sarmerge.options import PerExample
 
 log = logging.getLogger("sarmerge.fisher")
 
-PerExample = Literal["auto", "hooks", "vmap", "loop"]
 # Per-example gradient buffers are built in slices of the batch no larger than this, so memory stays bounded for
 # large parameters (a 150k × 1.5k embedding is 0.9 GB per example in fp32).
 DEFAULT_CHUNK_BYTES = 512 * 1024 * 1024

@@ -19,13 +19,14 @@ from torch import nn
 from sarmerge import __version__
 from sarmerge.checkpoint import Checkpoint, torch_dtype
 from sarmerge.errors import SarmergeError
-from sarmerge.fisher.data import Mode, build_examples, context_length, read_calibration, resolve_data
+from sarmerge.fisher.data import build_examples, context_length, read_calibration, resolve_data
 from sarmerge.fisher.estimate import FisherSums, estimate_fisher
 from sarmerge.fisher.memory import _fmt_bytes, estimate_memory
-from sarmerge.fisher.per_example import PerExample, _params
+from sarmerge.fisher.per_example import _params
 from sarmerge.fisher_store import FisherStore, save_fisher
 from sarmerge.hf import checkpoint_tokenizer, end_of_response_ids, load_causal_lm
 from sarmerge.layout import FISHER_MANIFEST, FLOAT_CODES, MODEL_DTYPES, atomic_output_dir, files_sha256, sha256_file
+from sarmerge.options import FisherOptions
 
 log = logging.getLogger("sarmerge.fisher")
 
@@ -127,49 +128,31 @@ def run_fisher(
     model_dir: str | Path,
     data: str | Path,
     out: str | Path,
+    options: FisherOptions | None = None,
     *,
-    mode: Mode = "sampled",
-    examples: int | None = None,
     support_of: str | Path | None = None,
-    epsilon: float = 1e-5,
-    device: str | None = None,
-    dtype: str = "auto",
-    batch_size: int = 8,
-    max_new_tokens: int = 256,
-    seed: int = 0,
-    per_example: PerExample = "auto",
-    gradient_checkpointing: bool = False,
-    checkpoint_every: int = 64,
     resume: bool = False,
     state_dir: str | Path | None = None,
     overwrite: bool = False,
-    threads: int | None = None,
-    shard_size: str = "5GB",
     progress: bool = True,
     on_batch: Callable[[FisherSums], None] | None = None,
+    **settings: Any,
 ) -> dict[str, Any]:
     """Compute a checkpoint's diagonal Fisher on a calibration JSONL and write a Fisher store to `out` atomically.
 
-    Returns the manifest (also written to `out/fisher_manifest.json`).
+    The estimation knobs are `FisherOptions` (an object, keyword arguments, or both); `support_of` stores the Fisher
+    only where the model moved from that base. Returns the manifest (also written to `out/fisher_manifest.json`).
     """
     t0 = time.perf_counter()
-    if mode not in ("sampled", "empirical"):
-        raise SarmergeError(f"--mode must be sampled or empirical, got {mode!r}")
-    for flag, value, low in (("--batch-size", batch_size, 1), ("--max-new-tokens", max_new_tokens, 1),
-                             ("--checkpoint-every", checkpoint_every, 0)):
-        if value < low:
-            raise SarmergeError(f"{flag} must be at least {low}, got {value}")
-    if examples is not None and examples < 1:
-        raise SarmergeError(f"--examples must be at least 1, got {examples}")
-    if not epsilon >= 0:
-        raise SarmergeError(f"--epsilon must be >= 0, got {epsilon}")
-    if dtype != "auto" and dtype not in TORCH_DTYPES:
-        raise SarmergeError(f"--dtype must be auto or one of {sorted(TORCH_DTYPES)}, got {dtype!r}")
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    opts = FisherOptions.resolve(options, settings, where="run_fisher")
+    mode, examples, epsilon, dtype = opts.mode, opts.examples, opts.epsilon, opts.dtype
+    batch_size, max_new_tokens, seed, per_example = opts.batch_size, opts.max_new_tokens, opts.seed, opts.per_example
+    gradient_checkpointing, checkpoint_every = opts.gradient_checkpointing, opts.checkpoint_every
+    dev = torch.device(opts.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SarmergeError(f"--device {device}: CUDA is not available on this machine")
-    if threads:
-        torch.set_num_threads(threads)
+        raise SarmergeError(f"--device {opts.device}: CUDA is not available on this machine")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
     out = Path(out)
     if out.exists() and not overwrite:
         raise SarmergeError(f"{out}: output already exists (pass --overwrite to replace it)")
@@ -276,7 +259,7 @@ def run_fisher(
             metadata["support_of_sha256"] = model_sha256(base.files)[0]
         with atomic_output_dir(out, overwrite=overwrite) as tmp:
             stored = save_fisher(tmp, by_ckpt, {META_PREFIX + k: str(v) for k, v in metadata.items()},
-                                 support_taus=taus, epsilon=epsilon, shard_size=shard_size)
+                                 support_taus=taus, epsilon=epsilon, shard_size=opts.shard_size)
             manifest = {
                 **metadata,
                 "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
