@@ -1,7 +1,7 @@
 """Geometry-analysis benchmark (SPEC §7, §10): wall time and peak RSS of `sarmerge analyze geometry` at two model sizes.
 
-    .venv/bin/python bench/analyze.py                       # default: ~1e8 and ~4e8 params/model, 3 runs each
-    .venv/bin/python bench/analyze.py --params 5e7 2e8 --runs 3 # quicker
+    .venv/bin/python -m bench.analyze                       # default: ~1e8 and ~4e8 params/model, 3 runs each
+    .venv/bin/python -m bench.analyze --params 5e7 2e8 --runs 3 # quicker
 
 Family: `sarmerge.synthetic.write_family` (the merge benchmark's generator): a Qwen2-shaped bf16 base + 3 children
 with ~20 % sparse updates; the two sizes differ in depth at fixed width, so the largest tensor (the 32000 × 1024
@@ -23,14 +23,12 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench._report import machine, write_section
 
-from bench._report import machine, write_section  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 IO_FLOOR = r"""
-import sys
-from pathlib import Path
 buf = bytearray(8 << 20)
 for d in sys.argv[1:]:
     for f in sorted(Path(d).glob("*.safetensors")):
@@ -81,7 +79,7 @@ def main() -> None:
         # In a child process: this parent must stay small, since a child's ru_maxrss starts from its parent's RSS.
         info = json.loads(
             subprocess.run(
-                [py, __file__, "--write-family", str(params), str(work / f"family-{int(params)}")],
+                [py, "-m", "bench.analyze", "--write-family", str(params), str(work / f"family-{int(params)}")],
                 env=env,
                 check=True,
                 capture_output=True,

@@ -5,7 +5,7 @@ Hugging Face checkpoint (or `--model DIR`). Prompts: the first 16 GSM8K problems
 model's chat template. Greedy decoding; both runs must produce identical token sequences. Each arm runs `--repeats`
 times (alternating), and the medians are compared. On a CUDA machine with vLLM installed, `--vllm` adds vLLM throughput.
 
-    .venv/bin/python bench/evaluate.py [--threads 2] [--repeats 3] [--max-new-tokens 64]
+    .venv/bin/python -m bench.evaluate [--threads 2] [--repeats 3] [--max-new-tokens 64]
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ HF batched at `--batch-size` and vLLM given them all at once (it schedules its o
 `--repeats` rounds after one warm-up each; medians of wall time and generated tokens per second are reported, with
 how many completions the two backends agree on exactly (greedy) and the load average around the runs.
 
-    .venv-vllm/bin/python bench/evaluate_vllm.py --model DIR [--threads 2] [--repeats 3] [--max-new-tokens 64]
+    .venv-vllm/bin/python -m bench.evaluate_vllm --model DIR [--threads 2] [--repeats 3] [--max-new-tokens 64]
 """
 
 from __future__ import annotations

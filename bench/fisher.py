@@ -1,8 +1,8 @@
 """Fisher benchmark (SPEC §10): examples/s of the `sarmerge fisher` estimator against a bare forward+backward loop.
 
-    .venv/bin/python bench/fisher.py                         # CPU: tiny and small Qwen2 on the shipped GSM8K set
-    .venv/bin/python bench/fisher.py --configs tiny --runs 3 # quick
-    .venv/bin/python bench/fisher.py --smollm2-shaped --device cuda   # GPU: tokens/s and MFU, SmolLM2-135M shape
+    .venv/bin/python -m bench.fisher                         # CPU: tiny and small Qwen2 on the shipped GSM8K set
+    .venv/bin/python -m bench.fisher --configs tiny --runs 3 # quick
+    .venv/bin/python -m bench.fisher --smollm2-shaped --device cuda   # GPU: tokens/s and MFU, SmolLM2-135M shape
 
 Both sides process the same model, the same batches (the shipped calibration set, tokenized with the model's char
 tokenizer, right-padded, in file order) and the same loss (log p of the reference responses, empirical mode). The
@@ -29,13 +29,10 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+import torch
 
-import torch  # noqa: E402
-
-from bench._report import machine, write_section  # noqa: E402
-from sarmerge.fisher import (  # noqa: E402
+from bench._report import machine, write_section
+from sarmerge.fisher import (
     SHIPPED_DATA,
     Example,
     build_examples,
@@ -45,6 +42,9 @@ from sarmerge.fisher import (  # noqa: E402
     read_calibration,
     response_logprob,
 )
+
+ROOT = Path(__file__).resolve().parent.parent
+
 
 CONFIGS = {
     # name: tiny_config keyword arguments (char tokenizer, so tokens ≈ characters)

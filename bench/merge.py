@@ -1,8 +1,8 @@
 """Merge benchmark (SPEC §10): wall time and peak RSS of `sarmerge merge` against the I/O floor and mergekit 0.1.5.
 
-    .venv/bin/python bench/merge.py                   # default: ~0.25 B-param family, 3 runs each, with mergekit
-    .venv/bin/python bench/merge.py --params 5e7 --runs 3 --no-mergekit   # quick
-    .venv/bin/python bench/merge.py --shape qwen2.5-1.5b --scaling-shape qwen2.5-0.5b   # a real model's shape
+    .venv/bin/python -m bench.merge                   # default: ~0.25 B-param family, 3 runs each, with mergekit
+    .venv/bin/python -m bench.merge --params 5e7 --runs 3 --no-mergekit   # quick
+    .venv/bin/python -m bench.merge --shape qwen2.5-1.5b --scaling-shape qwen2.5-0.5b   # a real model's shape
 
 It writes a synthetic RLVR-like family (Qwen2-shaped base + 3 children with ~20 % sparse bf16 updates, plus
 support-layout Fisher stores for SAR), installs mergekit 0.1.5 from PyPI into its own venv (bench/results/
@@ -22,16 +22,14 @@ import sys
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
+from bench._report import machine, write_section
 
-from bench._report import machine, write_section  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
 
 # sarmerge method → mergekit 0.1.5 method timed against it (RAM+ is `ramplus_tl` there, with its own formula)
 MERGEKIT_METHODS = {"ties": "ties", "task_arithmetic": "task_arithmetic", "ram": "ram", "ram_plus": "ramplus_tl"}
 IO_FLOOR = r"""
-import sys
-from pathlib import Path
 inputs, out, size = [Path(p) for p in sys.argv[1:-2]], Path(sys.argv[-2]), int(sys.argv[-1])
 buf = bytearray(8 << 20)
 for d in inputs:
@@ -159,7 +157,7 @@ def main() -> None:
     def prepare(params: float, shape: str | None = None) -> tuple[list[Path], list[Path]]:
         print(f"writing family {family_name(params, shape)} ...", flush=True)
         subprocess.run(
-            [sys.executable, __file__, "--prepare-only", "--params", str(params), "--workdir", str(work),
+            [sys.executable, "-m", "bench.merge", "--prepare-only", "--params", str(params), "--workdir", str(work),
              *(["--shape", shape] if shape else [])], check=True
         )
         fam = work / family_name(params, shape)

@@ -1,7 +1,7 @@
 """Pipeline trigger latency (SPEC §10): registration of a model version → start of the merge_on_upload run it causes,
 through the registry watcher (pull; target ≤ 60 s) and through the webhook relay (push; target ≤ 5 s).
 
-    .venv/bin/python bench/pipeline_latency.py [--runs 5] [--demo-json runs/demo/demo.json] [--no-write]
+    .venv/bin/python -m bench.pipeline_latency [--runs 5] [--demo-json runs/demo/demo.json] [--no-write]
 
 Brings up the embedded stack (MLflow + Airflow standalone + relay) with two families: `latw` watched by the registry
 poller only (the relay ignores it) and `latp` reached by the relay only (no watcher). Each upload is a new checkpoint
@@ -22,7 +22,6 @@ from pathlib import Path
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from bench._report import machine, write_section
 
 ROOT = Path(__file__).resolve().parent.parent

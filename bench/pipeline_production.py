@@ -1,7 +1,7 @@
 """Production topology vs embedded stack, same machine, same run (SPEC §8, §10): registration → merge_on_upload start
 latency through the watcher (registry poll) and the webhook relay, and one merge job's wall time.
 
-    .venv/bin/python bench/pipeline_production.py [--runs 3] [--profiles embedded,production] [--no-write]
+    .venv/bin/python -m bench.pipeline_production [--runs 3] [--profiles embedded,production] [--no-write]
 
 For each profile in turn (one stack at a time, so they never compete for the CPUs): `tasks.stack up --profile P`,
 `--runs` uploads per trigger path with no merge partner (short runs, spaced so that they never coalesce; families
@@ -25,8 +25,6 @@ from typing import Any
 
 import yaml
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 from bench._report import machine, write_section
 from bench.pipeline_latency import make_variants
 
@@ -65,13 +63,12 @@ def _wait_runs_of(api: Any, name: str, version: str, timeout: float = 600) -> No
 
 
 def run_profile(profile: str, runs: int, poll: float, tmp: Path) -> dict[str, Any]:
-    from pipeline_support import make_family
-
     from tasks.demo import dag_runs, trigger_latencies, wait_processed
     from tasks.register import register_checkpoint
     from tasks.registry import get_client
     from tasks.relay import AirflowClient
     from tasks.stack import Stack
+    from tests.pipeline_support import make_family
 
     tmp.mkdir(parents=True)
     params = _params(tmp, poll)
@@ -136,7 +133,8 @@ def main() -> int:
         "Registration (model version creation time in MLflow) → start of the merge_on_upload run it triggers, and one "
         "merge job (code upload → Fisher → SAR merge → evaluation → analysis → DVC push → registered, ledger `done`) "
         "on the two profiles of `python -m tasks.stack up`, one after the other in the same run "
-        f"(`bench/pipeline_production.py --runs {args.runs}`). Embedded: MLflow on sqlite + local artifacts, Airflow "
+        f"(`python -m bench.pipeline_production --runs {args.runs}`). Embedded: MLflow on sqlite + local artifacts, "
+        "Airflow "
         "standalone (LocalExecutor). Production: PostgreSQL 15 (fsync off), Redis broker, moto S3 (MLflow artifacts "
         "proxied, DVC remote), Airflow CeleryExecutor with two workers (concurrency 1 each). Parallelism 2; watcher "
         f"poll {args.poll:g} s. Machine: {machine()}, a 2-core dev box shared with and loaded by other engineers' "

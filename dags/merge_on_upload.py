@@ -1,5 +1,6 @@
 """merge_on_upload: a new RLVR model version in the MLflow registry → Fisher → merges → evaluation → analysis →
-versioned (DVC) → registered → gated → aliased. No human in the loop; a person promotes in the MLflow UI.
+versioned (DVC) → registered → gated → aliased: the steps of tasks/steps.py. No human in the loop; a person promotes
+in the MLflow UI.
 
 Scheduled on one Asset per model family (params.yaml `families`), fed by an AssetWatcher polling the registry and by
 the webhook relay (tasks/relay.py). Events may coalesce into one run: `plan` claims every version they name (and any
@@ -18,6 +19,7 @@ from sarmerge_airflow.callbacks import alert
 from sarmerge_airflow.runner import Runner
 from sarmerge_airflow.triggers import MlflowRegistryTrigger
 from tasks.params import load_params
+from tasks.steps import STEPS
 
 params = load_params()
 runner = Runner(params)
@@ -69,29 +71,23 @@ with DAG(
     @task(retries=0)
     def pick(result: dict, key: str) -> list:
         """One argument list per mapped task instance (Airflow maps over return values only)."""
-        return result[key]
+        return result["args"][key]
 
-    events = collect_events()
-    plan = runner.step("plan", "tasks.plan", ["--events", events, "--dag-run", "{{ run_id }}"])
-    args = {key: pick.override(task_id=key)(plan.output, key)
-            for key in ("fisher_args", "eval_inputs_args", "merge_args", "eval_merged_args", "job_args")}
-    fisher = runner.mapped("fisher", "tasks.fisher", args["fisher_args"], gpu=True, pool="gpu")
-    eval_inputs = runner.mapped("evaluate_parents", "tasks.evaluate", args["eval_inputs_args"])
-    merge = runner.mapped("merge", "tasks.merge", args["merge_args"])
-    evaluate = runner.mapped("evaluate", "tasks.evaluate", args["eval_merged_args"])
-    analyze = runner.mapped("analyze", "tasks.analyze", args["job_args"])
-    version = runner.mapped("version", "tasks.workspace", args["job_args"], prefix=["commit"])
-    register = runner.mapped("register", "tasks.register", args["job_args"], prefix=["merged"],
-                             suffix=["--dag-run", "{{ run_id }}"])
-    gate = runner.mapped("gate", "tasks.promote", args["job_args"])
-    # the ledger is settled whatever happened (failed versions become retryable) ...
-    finish = runner.step("finish", "tasks.plan", ["finish", "--dag-run", "{{ run_id }}"], trigger_rule="all_done")
+    # one task per row of the step table (tasks/steps.py), its name as task id, wired by its `after`
+    ops = {}
+    for step in STEPS:
+        if step.name == "plan":
+            args = ["--events", collect_events()]
+        elif step.mapped:
+            args = pick.override(task_id=f"{step.name}_args")(ops["plan"].output, step.name)
+        else:
+            args = []
+        ops[step.name] = runner.task(step, args)
+        for upstream in step.after:
+            ops[upstream] >> ops[step.name]
 
     @task(trigger_rule="none_failed", retries=0)
     def done() -> None:
         """... and the run fails visibly whenever any step failed (a run with nothing to merge succeeds)."""
 
-    plan >> [fisher, eval_inputs]
-    fisher >> merge >> evaluate
-    [evaluate, eval_inputs] >> analyze >> version >> register >> gate >> finish
-    [gate, finish] >> done()
+    [ops["promote"], ops["finish"]] >> done()

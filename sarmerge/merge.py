@@ -12,6 +12,7 @@ import json
 import logging
 import subprocess
 import time
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -77,14 +78,22 @@ def _tokenizer_vocab(ckpt: Checkpoint) -> int | None:
         raise SarmergeError(f"{f}: unreadable tokenizer: {e}") from e
 
 
-def preflight(cfg: MergeConfig, *, allow_pickle: bool = False) -> Inputs:
-    """Open and cross-check every input before any merging; raise one clear SarmergeError on the first problem."""
-    base = Checkpoint(cfg.base_model, allow_pickle=allow_pickle) if cfg.base_model else None
-    models = [Checkpoint(e.model, allow_pickle=allow_pickle) for e in cfg.models]
-    inputs = Inputs(base, models, [])
+def open_checkpoints(base: str | Path | None, models: Sequence[str | Path], *, allow_pickle: bool = False) -> Inputs:
+    """Open base + models and cross-check them: config.json present, tensor names, shapes and dtypes, architecture
+    keys, tokenizer vocabulary. One clear SarmergeError on the first problem (and every file closed again)."""
+    inputs = Inputs(Checkpoint(base, allow_pickle=allow_pickle) if base else None, [], [])
+    try:
+        inputs.models = [Checkpoint(m, allow_pickle=allow_pickle) for m in models]
+        _check_compatible(inputs)
+    except BaseException:
+        inputs.close()
+        raise
+    return inputs
+
+
+def _check_compatible(inputs: Inputs) -> None:
     for ckpt in inputs.all():
         if ckpt.path.is_dir() and not (ckpt.path / CONFIG_FILE).is_file():
-            inputs.close()
             raise SarmergeError(
                 f"{ckpt.path}: not a model directory (no {CONFIG_FILE}): its architecture and vocabulary cannot be "
                 "checked against the other inputs"
@@ -117,18 +126,28 @@ def preflight(cfg: MergeConfig, *, allow_pickle: bool = False) -> Inputs:
         if va is not None and vb is not None and va != vb:
             raise SarmergeError(f"{other.path / 'tokenizer.json'}: vocabulary has {vb} tokens but {ref.path} has {va}")
     inputs.names = list(ref.names)
-    for e in cfg.models:
-        store = FisherStore(e.fisher) if e.fisher else None
-        if store is not None:
-            if cfg.spec.fisher == "dense" and store.layout != "dense":
-                raise SarmergeError(
-                    f"{store.path}: stores Fisher on the update support only; method {cfg.method!r} needs dense "
-                    "Fisher (recompute without --support-of)"
-                )
-            for n in inputs.names:
-                if ref.tensors[n].dtype in FLOAT_CODES:
-                    store.check_matches(n, ref.tensors[n].shape)
-        inputs.fishers.append(store)
+
+
+def preflight(cfg: MergeConfig, *, allow_pickle: bool = False) -> Inputs:
+    """Open and cross-check every input of a merge (checkpoints, then Fisher stores) before any merging."""
+    inputs = open_checkpoints(cfg.base_model, [e.model for e in cfg.models], allow_pickle=allow_pickle)
+    try:
+        ref = inputs.reference
+        for e in cfg.models:
+            store = FisherStore(e.fisher) if e.fisher else None
+            inputs.fishers.append(store)
+            if store is not None:
+                if cfg.spec.fisher == "dense" and store.layout != "dense":
+                    raise SarmergeError(
+                        f"{store.path}: stores Fisher on the update support only; method {cfg.method!r} needs dense "
+                        "Fisher (recompute without --support-of)"
+                    )
+                for n in inputs.names:
+                    if ref.tensors[n].dtype in FLOAT_CODES:
+                        store.check_matches(n, ref.tensors[n].shape)
+    except BaseException:
+        inputs.close()
+        raise
     return inputs
 
 

@@ -1,7 +1,7 @@
 """DockerOperator running one pipeline step (`pipeline.runner: docker`); built by sarmerge_airflow/containers.py.
 
-Behaves like the local runner's LocalStepOperator: the step's SARMERGE_RESULT line becomes the XCom (each key pushed
-separately with `push_keys`), a failure names the step, its exit status and last output line.
+Behaves like the local runner's LocalStepOperator: the step's SARMERGE_RESULT line becomes the XCom; a
+failure names the step, its exit status and last output line.
 """
 
 from __future__ import annotations
@@ -36,7 +36,7 @@ class StepDockerOperator(DockerOperator):
     ui_color = "#e3effa"
 
     def __init__(self, *, module: str, args: Sequence[Any] = (), prefix: Sequence[str] = (),
-                 suffix: Sequence[Any] = (), push_keys: bool = False, pass_env: Sequence[str] = (),
+                 suffix: Sequence[Any] = (), pass_env: Sequence[str] = (),
                  run_as: str = "worker", pull: str = "missing", gpus: int = 0, gpu_step: bool = False,
                  security_opt: Sequence[str] = (), unmask_proc: bool = False, **kwargs: Any) -> None:
         if gpus:
@@ -45,7 +45,7 @@ class StepDockerOperator(DockerOperator):
         kwargs.setdefault("xcom_all", True)  # every log line: the result line need not be the last one
         super().__init__(**kwargs)
         self.module, self.args, self.prefix, self.suffix = module, list(args), list(prefix), list(suffix)
-        self.push_keys, self.pass_env, self.run_as, self.pull = push_keys, list(pass_env), run_as, pull
+        self.pass_env, self.run_as, self.pull = list(pass_env), run_as, pull
         self.gpus, self.gpu_step, self.security_opt, self.unmask_proc = gpus, gpu_step, list(security_opt), unmask_proc
 
     def step_command(self) -> list[str]:
@@ -133,7 +133,4 @@ class StepDockerOperator(DockerOperator):
         if isinstance(lines, str):
             lines = [lines]
         result = parse_result(lines)
-        if self.push_keys and isinstance(result, dict):
-            for key, value in result.items():
-                context["ti"].xcom_push(key=key, value=value)
         return result

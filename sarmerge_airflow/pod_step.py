@@ -2,7 +2,7 @@
 sarmerge_airflow/containers.py.
 
 The pod runs `sarmerge-step <module> <args>`, which also writes the step's result to /airflow/xcom/return.json, where
-the operator's XCom sidecar reads it; with `push_keys` each key of a dict result is pushed under its own XCom key.
+the operator's XCom sidecar reads it.
 """
 
 from __future__ import annotations
@@ -21,11 +21,11 @@ class StepPodOperator(KubernetesPodOperator):
     ui_color = "#eae3fa"
 
     def __init__(self, *, module: str, args: Sequence[Any] = (), prefix: Sequence[str] = (),
-                 suffix: Sequence[Any] = (), push_keys: bool = False, pass_env: Sequence[str] = (),
+                 suffix: Sequence[Any] = (), pass_env: Sequence[str] = (),
                  host_users: bool | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.module, self.args, self.prefix, self.suffix = module, list(args), list(prefix), list(suffix)
-        self.push_keys, self.pass_env, self.host_users = push_keys, list(pass_env), host_users
+        self.pass_env, self.host_users = list(pass_env), host_users
 
     def step_arguments(self) -> list[str]:
         return [self.module, *map(str, self.prefix), *map(str, self.args), *map(str, self.suffix)]
@@ -43,9 +43,3 @@ class StepPodOperator(KubernetesPodOperator):
             pod.spec.host_users = self.host_users
         return pod
 
-    def execute(self, context: Any) -> Any:
-        result = super().execute(context)
-        if self.push_keys and isinstance(result, dict):
-            for key, value in result.items():
-                context["ti"].xcom_push(key=key, value=value)
-        return result

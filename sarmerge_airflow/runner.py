@@ -7,8 +7,8 @@ the runner decides where that command runs.
 
 The runner is chosen by `SARMERGE_RUNNER` or params.yaml `pipeline.runner`; an unknown name fails at DAG parse time,
 naming the setting. Every step prints its result as the last stdout line (`SARMERGE_RESULT {...}`, tasks/common.py);
-the operator returns it as the task's XCom, and with `push_keys` pushes each top-level key of a dict result under its
-own XCom key, so mapped tasks can `expand` over `task.output["<key>"]`.
+the operator returns it as the task's XCom. `Runner.task` builds the task of one row of the step table
+(tasks/steps.py).
 
 Paths passed to steps are absolute paths under the pipeline root; container runners must mount that root at the same
 path.
@@ -34,9 +34,10 @@ from typing import Any
 from airflow.sdk import BaseOperator
 from airflow.sdk.exceptions import AirflowException
 
+from sarmerge.layout import RESULT_PREFIX
 from tasks.params import REPO_ROOT, Params
+from tasks.steps import Step
 
-RESULT_PREFIX = "SARMERGE_RESULT "  # = tasks.common.RESULT_PREFIX (not imported: that module pulls in sarmerge)
 _PR_SET_PDEATHSIG = 1
 
 
@@ -55,11 +56,11 @@ class LocalStepOperator(BaseOperator):
     ui_color = "#e8f4ea"
 
     def __init__(self, *, module: str, args: Sequence[Any] = (), prefix: Sequence[str] = (),
-                 suffix: Sequence[Any] = (), push_keys: bool = False, python: str | None = None,
+                 suffix: Sequence[Any] = (), python: str | None = None,
                  env: dict[str, str] | None = None, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.module, self.args, self.prefix, self.suffix = module, list(args), list(prefix), list(suffix)
-        self.push_keys, self.python, self.env = push_keys, python, env or {}
+        self.python, self.env = python, env or {}
         self._proc: subprocess.Popen[str] | None = None
 
     def command(self) -> list[str]:
@@ -87,9 +88,6 @@ class LocalStepOperator(BaseOperator):
         if rc != 0:
             last = next((ln for ln in reversed(tail) if ln.strip()), "")
             raise AirflowException(f"{self.module} exited with status {rc}: {last}")
-        if self.push_keys and isinstance(result, dict):
-            for key, value in result.items():
-                context["ti"].xcom_push(key=key, value=value)
         return result
 
     def on_kill(self) -> None:
@@ -149,6 +147,18 @@ class Runner:
         """One task running `python -m module *args` (args may hold Jinja templates and XComArgs)."""
         kwargs = self._route(gpu, kwargs)
         return self._build(self.params, task_id=task_id, module=module, gpu=gpu, args=list(args), **kwargs)
+
+    def task(self, step: Step, args: Any = (), **kwargs: Any) -> Any:
+        """The task of one step-table row: a plain task (`args` a list) or, for a mapped step, one instance per
+        argument list (`args` an XComArg of lists)."""
+        kwargs = {"prefix": list(step.command), "suffix": list(step.suffix), **kwargs}
+        if step.trigger_rule:
+            kwargs["trigger_rule"] = step.trigger_rule
+        if step.gpu:
+            kwargs.setdefault("pool", "gpu")
+        if step.mapped:
+            return self.mapped(step.name, step.module, args, gpu=step.gpu, **kwargs)
+        return self.step(step.name, step.module, args, gpu=step.gpu, **kwargs)
 
     def mapped(self, task_id: str, module: str, args_list: Any, *, gpu: bool = False, **kwargs: Any) -> Any:
         """One mapped task instance per argument list in `args_list` (an XComArg of lists)."""

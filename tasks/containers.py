@@ -155,7 +155,7 @@ class ContainersCfg(_Strict):
     cpu_image: str = Field("sarmerge-cpu:latest", description="image of steps without a GPU (docker/Dockerfile.cpu)")
     gpu_image: str = Field("sarmerge-cuda:latest", description="image of GPU steps (docker/Dockerfile.cuda)")
     gpu_tasks: list[str] = Field(default_factory=list, description="task ids run as GPU steps besides those the "
-                                                                   "DAG marks (e.g. evaluate, evaluate_parents)")
+                                                                   "DAG marks (e.g. evaluate, evaluate_inputs)")
     gpus_per_step: int = Field(1, ge=0, description="GPUs each GPU step requests; 0: GPU steps run without one "
                                                     "(a CPU-only Docker host)")
     env: dict[str, str] = Field(default_factory=dict, description="extra environment of every step container")

@@ -29,6 +29,7 @@ from tasks.common import fault_point, step_main
 from tasks.ledger import Ledger
 from tasks.merge import check_methods
 from tasks.params import JobCfg, JobParent, Params, load_params
+from tasks.steps import step_args
 from tasks.workspace import Workspace
 
 log = logging.getLogger(__name__)
@@ -341,14 +342,7 @@ class Planner:
             "claimed": [r.key for r in claimed],
             "skipped": self.skipped,
             "jobs": jobs,
-            # argument lists for the DAG's mapped tasks
-            "fisher_args": [["--workspace", j["workspace"], "--parent", p] for j in jobs for p in j["parents"]],
-            "merge_args": [["--workspace", j["workspace"], "--method", m] for j in jobs for m in methods],
-            "eval_merged_args": [["--workspace", j["workspace"], "--model", f"merged/{m}"]
-                                 for j in jobs for m in methods],
-            "eval_inputs_args": [["--workspace", j["workspace"], "--model", f"inputs/{n}"]
-                                 for j in jobs for n in ["base", *j["parents"]]],
-            "job_args": [["--workspace", j["workspace"]] for j in jobs],
+            "args": step_args(jobs, methods),  # the DAG's mapped tasks: step name → argument lists
         }
 
 

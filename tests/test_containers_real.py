@@ -186,7 +186,7 @@ def test_merge_on_upload_in_containers_matches_the_local_runner(docker_host: str
         assert any(t.startswith("merge[") for t in result["tis"]), f"{runner}: nothing was merged: {result['tis']}"
         digests[runner] = _merged_digests(root)
     # every step task instance of the docker run was one container of the image; none of the local run was
-    steps = ("plan", "fisher", "evaluate_parents", "merge", "evaluate", "analyze", "version", "register", "gate",
+    steps = ("plan", "fisher", "evaluate_inputs", "merge", "evaluate", "analyze", "commit", "register", "promote",
              "finish")
     step_instances = [t for t in result["tis"] if t.split("[")[0] in steps]
     assert len(step_instances) == 15, step_instances  # 1 plan, 2 fisher, 3+2 evaluate, 2 merge, 5 per-job steps

@@ -158,7 +158,7 @@ def _pairing(family, env, tmp_path):
     assert loser["jobs"] == [] and any("already claimed" in s["reason"] for s in loser["skipped"])
     ws = Path(winner["jobs"][0]["workspace"])
     assert (ws / "inputs.dvc").is_file() and (ws / "inputs" / "calib_math.jsonl").read_text().startswith('{"prompt"')
-    assert len(winner["merge_args"]) == 2 and len(winner["fisher_args"]) == 2
+    assert len(winner["args"]["merge"]) == 2 and len(winner["args"]["fisher"]) == 2
 
     # a later plan for the same version (a duplicate event) does nothing
     again = _plan(env, events, "run_d")

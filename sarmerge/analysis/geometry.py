@@ -45,7 +45,6 @@ from tqdm import tqdm
 
 from sarmerge import __version__
 from sarmerge.checkpoint import FLOAT_CODES, Checkpoint
-from sarmerge.config import parse_config
 from sarmerge.errors import SarmergeError
 
 log = logging.getLogger(__name__)
@@ -342,16 +341,13 @@ def _labels(models: list[str | Path], names: list[str] | None) -> list[str]:
 def open_family(
     base: str | Path, models: list[str | Path], *, allow_pickle: bool = False
 ) -> tuple[Checkpoint, list[Checkpoint]]:
-    """Open base + models and cross-check them with the merge engine's preflight (names, shapes, dtypes, vocab)."""
-    from sarmerge.merge import preflight
+    """Open base + models and cross-check them as the merge engine does (names, shapes, dtypes, vocab)."""
+    from sarmerge.merge import open_checkpoints
 
     if not models:
         raise SarmergeError("analysis needs at least one model besides the base")
-    cfg = parse_config(
-        {"method": "task_arithmetic", "base_model": str(base), "models": [{"model": str(m)} for m in models]},
-        source="analyze",
-    )
-    inputs = preflight(cfg, allow_pickle=allow_pickle)
+    inputs = open_checkpoints(base, models, allow_pickle=allow_pickle)
+    assert inputs.base is not None
     return inputs.base, inputs.models
 
 
