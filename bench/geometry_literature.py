@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from sarmerge.analysis.geometry import analyze_geometry
-from sarmerge.errors import SarmergeError
+from sarmerge.errors import SarmergeError, run_cli
 from sarmerge.zoo.family import load_family
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -234,13 +234,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiments", type=Path, default=None,
                    help=f"also replace the text between {BEGIN} and {END} in this file (EXPERIMENTS.md)")
     args = p.parse_args(argv)
-    try:
-        specs = [f.split("=", 1) for f in args.family]
+    specs = [f.split("=", 1) for f in args.family]
+    families: list[dict[str, Any]] = []
+
+    def measure() -> None:
         if any(len(s) != 2 for s in specs):
             raise SarmergeError(f"--family {args.family}: give LABEL=DIR")
-        families = [family_geometry(label, Path(d), args.threads) for label, d in specs]
-    except SarmergeError as e:
-        print(f"geometry_literature: error: {e}", file=sys.stderr)
+        families.extend(family_geometry(label, Path(d), args.threads) for label, d in specs)
+
+    if run_cli("geometry_literature", measure):
         return 2
     args.json.parent.mkdir(parents=True, exist_ok=True)
     compact = [{k: v for k, v in f.items() if k != "layers"} | {"layers": f["layers"]} for f in families]

@@ -13,7 +13,7 @@ import sys
 from importlib.metadata import entry_points
 
 from sarmerge import __version__
-from sarmerge.errors import SarmergeError
+from sarmerge.errors import run_cli
 
 # subcommand → module with `add_command(subparsers)`
 COMMANDS = {
@@ -53,10 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(name)s: %(message)s"
     )
     try:
-        return int(args.func(args) or 0)
-    except SarmergeError as e:
-        print(f"sarmerge {args.command}: error: {e}", file=sys.stderr)
-        return 2
+        return run_cli(f"sarmerge {args.command}", lambda: args.func(args))
     except KeyboardInterrupt:
         print(f"sarmerge {args.command}: interrupted", file=sys.stderr)
         return 130

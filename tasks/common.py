@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sarmerge.errors import SarmergeError
+from sarmerge.errors import SarmergeError, run_cli
 from sarmerge.layout import RESULT_PREFIX  # the last stdout line of every step: RESULT_PREFIX + json
 
 
@@ -63,13 +63,7 @@ def run(cmd: Sequence[str], *, cwd: Path | None = None, env: dict[str, str] | No
 def step_main(name: str, fn: Callable[[], Any]) -> int:
     """Run a step body: its result becomes the RESULT line; a SarmergeError exits 2 with one clear message."""
     setup_logging(os.environ.get("SARMERGE_VERBOSE") == "1")
-    try:
-        result = fn()
-    except SarmergeError as e:
-        print(f"{name}: error: {e}", file=sys.stderr)
-        return 2
-    emit_result(result)
-    return 0
+    return run_cli(name, lambda: emit_result(fn()))
 
 
 def fault_point(name: str) -> None:

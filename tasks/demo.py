@@ -27,7 +27,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from sarmerge.errors import SarmergeError
+from sarmerge.errors import SarmergeError, run_cli
 from tasks import registry as reg
 from tasks.params import REPO_ROOT, Params, load_params
 from tasks.stack import BIN, Stack
@@ -240,12 +240,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the previous demo's registry and runs")
     p.add_argument("--timeout", type=float, default=1800, help="seconds to wait for the pipeline")
     args = p.parse_args(argv)
-    try:
-        run_demo(args.dir.resolve(), args.family.resolve() if args.family else None, args.keep, args.timeout)
-        return 0
-    except SarmergeError as e:
-        print(f"demo: error: {e}\n(the stack may still be running: bash scripts/stop-demo.sh)", file=sys.stderr)
-        return 2
+    return run_cli("demo", lambda: run_demo(args.dir.resolve(), args.family.resolve() if args.family else None,
+                                            args.keep, args.timeout),
+                   hint="\n(the stack may still be running: bash scripts/stop-demo.sh)")
 
 
 if __name__ == "__main__":

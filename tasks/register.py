@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from sarmerge.errors import SarmergeError
+from sarmerge.errors import SarmergeError, run_cli
 from tasks import registry as reg
 from tasks.common import emit_result, fault_point, setup_logging
 from tasks.params import Params, load_params
@@ -321,14 +321,10 @@ def main(argv: list[str] | None = None) -> int:
     m.add_argument("--dag-run", default="")
     args = parser.parse_args(argv)
     setup_logging()
-    try:
-        if args.command == "checkpoint":
-            return _cli_checkpoint(args)
-        emit_result({"registered": register_merged(args.workspace, dag_run=args.dag_run)})
-        return 0
-    except SarmergeError as e:
-        print(f"tasks.register: error: {e}", file=sys.stderr)
-        return 2
+    if args.command == "checkpoint":
+        return run_cli("tasks.register", lambda: _cli_checkpoint(args))
+    return run_cli("tasks.register",
+                   lambda: emit_result({"registered": register_merged(args.workspace, dag_run=args.dag_run)}))
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sarmerge.errors import SarmergeError
+from sarmerge.errors import SarmergeError, run_cli
 from sarmerge.stats import (
     PairedDifference,
     discordance_upper,
@@ -167,16 +167,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--alias", action="append", help="alias to check (repeatable; default: params.yaml)")
     args = p.parse_args(argv)
     setup_logging()
-    try:
-        emit_result(run_regression(load_params(), args.family, args.alias))
-        return 0
-    except RegressionDetected as e:
-        print(f"tasks.regression: REGRESSION: {e}", file=sys.stderr)
-        emit_result(e.result)
-        return EXIT_REGRESSION
-    except SarmergeError as e:
-        print(f"tasks.regression: error: {e}", file=sys.stderr)
-        return 2
+
+    def body() -> int:
+        try:
+            emit_result(run_regression(load_params(), args.family, args.alias))
+            return 0
+        except RegressionDetected as e:
+            print(f"tasks.regression: REGRESSION: {e}", file=sys.stderr)
+            emit_result(e.result)
+            return EXIT_REGRESSION
+
+    return run_cli("tasks.regression", body)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
-from sarmerge.errors import SarmergeError
+from sarmerge.errors import SarmergeError, run_cli
 from tasks.params import Params, load_params
 from tasks.registry import is_valid_name
 
@@ -472,7 +472,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     secret = os.environ.get("SARMERGE_WEBHOOK_SECRET", "")
-    try:
+
+    def body() -> int:
         if args.command == "install-webhook":
             if not secret:
                 raise SarmergeError("set SARMERGE_WEBHOOK_SECRET (the secret MLflow signs deliveries with)")
@@ -484,9 +485,8 @@ def main(argv: list[str] | None = None) -> int:
         log.info("relay listening on http://%s:%d%s → %s", args.host, server.server_port, args.path, airflow.base_url)
         server.serve_forever()
         return 0
-    except SarmergeError as e:
-        print(f"tasks.relay: error: {e}", file=sys.stderr)
-        return 2
+
+    return run_cli("tasks.relay", body)
 
 
 if __name__ == "__main__":

@@ -41,7 +41,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from sarmerge.errors import SarmergeError
+from sarmerge.errors import SarmergeError, run_cli
 from tasks.params import REPO_ROOT, load_params, params_path
 
 BIN = Path(sys.executable).parent
@@ -605,7 +605,8 @@ def main(argv: list[str] | None = None) -> int:
         s.add_argument("--dir", required=True, type=Path)
     args = p.parse_args(argv)
     stack = Stack(args.dir)
-    try:
+
+    def body() -> int:
         if args.command == "up":
             state = stack.up(profile=args.profile, params=args.params, parallelism=args.parallelism,
                              relay=not args.no_relay)
@@ -618,9 +619,8 @@ def main(argv: list[str] | None = None) -> int:
             alive = {k: _group_alive(v) for k, v in state.get("pids", {}).items()}
             print(json.dumps({"urls": state["urls"], "alive": alive}))
         return 0
-    except SarmergeError as e:
-        print(f"tasks.stack: error: {e}", file=sys.stderr)
-        return 2
+
+    return run_cli("tasks.stack", body)
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ from bench.experiment.design import (
 from bench.experiment.families import Family, _git_revision, build_family, compute_fishers, read_family
 from bench.experiment.report import compact, make_plots, render_report, verdicts
 from bench.experiment.statistics import _differs, canonical, coordinate_ascent, selection_score, summarize
-from sarmerge.errors import SarmergeError
+from sarmerge.errors import SarmergeError, run_cli
 
 KEEP_MARKER = "<!-- sections below are written by other tools; bench.experiment keeps them -->"
 
@@ -402,7 +402,7 @@ def main(argv: Iterable[str] | None = None) -> int:
 
     hf_logging.set_verbosity_error()
     hf_logging.disable_progress_bar()
-    try:
+    def body() -> None:
         opt = parse_args(argv)
         if opt.report_only:
             results = resummarize(opt.out)
@@ -410,10 +410,8 @@ def main(argv: Iterable[str] | None = None) -> int:
             write_outputs(results, opt)
         else:
             results = run_experiment(opt)
-    except SarmergeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    for line in verdicts(results):
-        print(line)
-    print(f"results: {opt.out / 'results.json'}" + (f"; report: {opt.report}" if opt.report else ""))
-    return 0
+        for line in verdicts(results):
+            print(line)
+        print(f"results: {opt.out / 'results.json'}" + (f"; report: {opt.report}" if opt.report else ""))
+
+    return run_cli("bench.experiment", body)
