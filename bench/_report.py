@@ -7,6 +7,8 @@ import os
 import platform
 from pathlib import Path
 
+from sarmerge.errors import SarmergeError
+
 ROOT = Path(__file__).resolve().parent.parent
 BENCHMARKS = ROOT / "BENCHMARKS.md"
 
@@ -37,3 +39,16 @@ def write_section(name: str, body: str) -> None:
         else:
             text = text.rstrip() + f"\n\n## {name}\n\n{block}\n"
         BENCHMARKS.write_text(text)
+
+
+def replace_block(path: Path, begin: str, end: str, text: str) -> None:
+    """Replace the text between the `begin` and `end` markers of `path` (appending the block when it has none)."""
+    doc = path.read_text() if path.exists() else ""
+    if doc.count(begin) > 1 or doc.count(end) > 1 or (begin in doc) != (end in doc) or (
+            begin in doc and doc.index(begin) > doc.index(end)):
+        raise SarmergeError(f"{path}: needs at most one {begin} ... {end} block, in that order")
+    if begin in doc:
+        head, rest = doc.split(begin)
+        path.write_text(head + begin + "\n" + text.rstrip("\n") + "\n" + rest[rest.index(end):])
+    else:
+        path.write_text(doc.rstrip("\n") + f"\n\n{begin}\n{text.rstrip()}\n{end}\n")

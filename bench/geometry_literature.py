@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from bench._report import replace_block
 from sarmerge.analysis.geometry import analyze_geometry
 from sarmerge.errors import SarmergeError, run_cli
 from sarmerge.zoo.family import load_family
@@ -234,31 +235,22 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--experiments", type=Path, default=None,
                    help=f"also replace the text between {BEGIN} and {END} in this file (EXPERIMENTS.md)")
     args = p.parse_args(argv)
-    specs = [f.split("=", 1) for f in args.family]
-    families: list[dict[str, Any]] = []
 
-    def measure() -> None:
+    def body() -> None:
+        specs = [f.split("=", 1) for f in args.family]
         if any(len(s) != 2 for s in specs):
             raise SarmergeError(f"--family {args.family}: give LABEL=DIR")
-        families.extend(family_geometry(label, Path(d), args.threads) for label, d in specs)
+        families = [family_geometry(label, Path(d), args.threads) for label, d in specs]
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        compact = [{k: v for k, v in f.items() if k != "layers"} | {"layers": f["layers"]} for f in families]
+        args.json.write_text(json.dumps(compact, indent=1) + "\n")
+        text = markdown(families)
+        args.markdown.write_text(text)
+        if args.experiments is not None:
+            replace_block(args.experiments, BEGIN, END, text)
+        print(text)
 
-    if run_cli("geometry_literature", measure):
-        return 2
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    compact = [{k: v for k, v in f.items() if k != "layers"} | {"layers": f["layers"]} for f in families]
-    args.json.write_text(json.dumps(compact, indent=1) + "\n")
-    text = markdown(families)
-    args.markdown.write_text(text)
-    if args.experiments is not None:
-        doc = args.experiments.read_text()
-        if doc.count(BEGIN) != 1 or doc.count(END) != 1 or doc.index(BEGIN) > doc.index(END):
-            print(f"geometry_literature: error: {args.experiments} needs one {BEGIN} ... {END} block",
-                  file=sys.stderr)
-            return 2
-        head, rest = doc.split(BEGIN)
-        args.experiments.write_text(head + BEGIN + "\n" + text + rest[rest.index(END):])
-    print(text)
-    return 0
+    return run_cli("geometry_literature", body)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from bench import experiment
+from sarmerge.errors import SarmergeError
 
 # A family that builds in seconds: its specialists are barely trained, which is all the plumbing needs.
 CHEAP_FAMILY = {"sft": {"steps": 80, "batch_size": 32}, "grpo": {"steps": 3, "prompts": 16, "group": 4, "lr": 1e-3},
@@ -151,3 +152,48 @@ def test_experiment_end_to_end_on_a_cheap_family(tmp_path, monkeypatch):
                             str(plots)]) == 0
     rerun = report.read_text()
     assert rerun.startswith(text.rstrip("\n")) and rerun.endswith(KEEP_MARKER + "\n## Appended by another tool\nrow\n")
+
+
+# -- the realistic family's experiment (bench/experiment/realistic.py) ---------------------------------------------
+def test_paired_difference_interval_and_mcnemar_by_hand():
+    from bench.experiment.realistic import paired, wilson
+
+    a, b = [1] * 30 + [0] * 70, [1] * 20 + [0] * 80  # a wins 10 problems, loses none
+    r = paired(a, b)
+    assert r["diff"] == pytest.approx(0.10) and (r["wins"], r["losses"]) == (10, 0)
+    sd = math.sqrt((10 * 0.9**2 + 90 * 0.1**2) / 99)
+    assert r["ci95"] == pytest.approx([0.10 - 1.96 * sd / 10, 0.10 + 1.96 * sd / 10], abs=2e-4)
+    assert r["mcnemar_p"] == pytest.approx(2 / 2**10, abs=1e-5) and r["verdict"] == "better"
+    assert paired(b, a)["verdict"] == "worse" and paired(a, a)["verdict"] == "inconclusive"
+    lo, hi = wilson(19, 100)
+    assert lo == pytest.approx(0.1251, abs=1e-3) and hi == pytest.approx(0.2777, abs=1e-3)  # Wilson 95 %
+    with pytest.raises(SarmergeError):
+        paired([1], [1, 0])
+
+
+def test_realistic_settings_need_two_domains_and_two_seeds(tmp_path):
+    from bench.experiment.realistic import settings_of
+
+    def fam(specs):
+        sp = {f"{d}_s{k}": experiment.Specialist(f"{d}_s{k}", tmp_path, f"{d}_nl", d, k) for d, k in specs}
+        return experiment.Family(0, tmp_path, tmp_path, sp, {})
+
+    full = settings_of(fam([("math", 0), ("code", 0), ("math", 1), ("code", 1)]))
+    assert full == {"fusion_s0": ["code_s0", "math_s0"], "fusion_s1": ["code_s1", "math_s1"],
+                    "enhance_code": ["code_s0", "code_s1"], "enhance_math": ["math_s0", "math_s1"]}
+    with pytest.raises(SarmergeError, match="two seeds"):
+        settings_of(fam([("math", 0), ("code", 0)]))
+
+
+def test_replace_block_keeps_everything_outside_the_markers(tmp_path):
+    from bench._report import replace_block
+
+    doc = tmp_path / "E.md"
+    doc.write_text("# head\n<!-- a -->\nold\n<!-- /a -->\ntail\n")
+    replace_block(doc, "<!-- a -->", "<!-- /a -->", "new\ntext")
+    assert doc.read_text() == "# head\n<!-- a -->\nnew\ntext\n<!-- /a -->\ntail\n"
+    replace_block(doc, "<!-- b -->", "<!-- /b -->", "appended")
+    assert doc.read_text().endswith("tail\n\n<!-- b -->\nappended\n<!-- /b -->\n")
+    doc.write_text("<!-- /a --> x <!-- a -->")
+    with pytest.raises(SarmergeError, match="in that order"):
+        replace_block(doc, "<!-- a -->", "<!-- /a -->", "t")

@@ -80,6 +80,25 @@ def test_code_answers_are_what_python_evaluates_and_slips_differ() -> None:
         assert eval(expr, {"__builtins__": {}}) == p.answer
 
 
+def test_code_int_answers_are_what_print_shows_and_every_kind_occurs() -> None:
+    import builtins
+    import contextlib
+    import io
+
+    kinds = set()
+    for p in get_task("code_int_nl").generate(300, seed=0, split="test"):
+        line = p.prompt.splitlines()[1]
+        assert line.startswith("print(") and line.endswith(")"), p.prompt
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):  # our own generator's text, never model output
+            eval(line, {"__builtins__": {"print": builtins.print, "len": len, "max": max}})
+        assert out.getvalue().strip() == p.answer and p.slip != p.answer, p.prompt
+        kinds.add(next(k for k in ("//", "%", "*", "len", "max") if k in line))
+    assert kinds == {"//", "%", "*", "len", "max"}
+    score = get_task("code_int_nl").score
+    assert score("7", "7") == 1.0 and score("The code prints 7.", "7") == 1.0 and score("-7", "7") == 0.0
+
+
 def test_code_mcq_options_hold_the_evaluated_answer_once_under_its_letter() -> None:
     letters = []
     for p in get_task("code_mcq_nl").generate(200, seed=0, split="test"):
@@ -365,11 +384,11 @@ def test_smollm2_trl_grpo_family_two_steps(smollm2_dir: Path, tmp_path: Path) ->
     pytest.importorskip("trl")
     from sarmerge.zoo.smollm2 import SmolGRPOFamilyConfig, TRLGRPOSettings, build_smollm2_grpo_family
 
-    cfg = SmolGRPOFamilyConfig(tasks=("math_nl", "code_mcq_nl"), seeds_per_task=1, test_problems=6,
+    cfg = SmolGRPOFamilyConfig(tasks=("math_nl", "code_int_nl"), seeds_per_task=1, test_problems=6,
                                calibration_examples=4, grpo=TRLGRPOSettings(steps=2, prompts=2, group=4, lr=5e-6))
     family = build_smollm2_grpo_family(tmp_path / "smol", cache_dir=False, config=cfg, progress=False)
     assert family["trainer"]["name"] == "trl.GRPOTrainer"
-    assert [m["name"] for m in family["members"]] == ["math_nl_s0", "code_mcq_nl_s0"]
+    assert [m["name"] for m in family["members"]] == ["math_nl_s0", "code_int_nl_s0"]
     base = load_file(tmp_path / "smol" / "base" / "model.safetensors")
     for m in family["members"]:
         test = m["own_task_test"]

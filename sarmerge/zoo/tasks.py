@@ -17,7 +17,10 @@ Tasks:
   near misses, in seeded random order); the reward is 1 when the first standalone option letter of the completion is
   the right one (a hedge listing several letters counts as its first). SmolLM2-135M-Instruct solves ~4 % of the
   free-form `code_nl` problems (measured, 300 test problems) but does pick options, so sampled completions disagree
-  within a GRPO group and the reward carries signal (base accuracy in the SmolLM2 family's family.json).
+  within a GRPO group; but it sits at chance (25 %) and 20 GRPO steps did not move it.
+- `code_int_nl`: what `print(...)` shows for a one-line Python integer expression (floor division, modulo, operator
+  precedence, `len` of a list, `max`), the final integer of the reply scored. SmolLM2-135M-Instruct gets ~16 % right
+  (it knows `max` and `%` partly, precedence not at all): the code domain of the SmolLM2 GRPO family.
 """
 
 from __future__ import annotations
@@ -195,6 +198,28 @@ def _code_nl(rng: random.Random) -> tuple[str, str, str]:
     return prompt, answer, slip
 
 
+def _code_int_nl(rng: random.Random) -> tuple[str, str, str]:
+    # Python integer semantics SmolLM2-135M-Instruct gets partly right (measured: ~16 % greedy, 38 % on max(), none
+    # on a negative precedence result, so that kind is left out): floor division, modulo, precedence, len, max
+    a, b, c = rng.randint(2, 20), rng.randint(2, 9), rng.randint(2, 9)
+    kind = rng.randrange(5)
+    if kind == 0:
+        expr, value, slip = f"{a} // {b}", a // b, a / b
+    elif kind == 1:
+        expr, value, slip = f"{a} % {b}", a % b, a // b
+    elif kind == 2:
+        expr, value, slip = f"{a} + {b} * {c}", a + b * c, (a + b) * c  # precedence ignored
+    elif kind == 3:
+        xs = [rng.randint(0, 9) for _ in range(rng.randint(2, 6))]
+        expr, value, slip = f"len({xs})", len(xs), len(xs) - 1
+    else:
+        xs = [rng.randint(0, 30) for _ in range(rng.randint(2, 5))]
+        expr, value, slip = f"max({', '.join(map(str, xs))})", max(xs), xs[-1]
+    prompt = f"What does this Python code print?\nprint({expr})\nReply with only the printed value."
+    wrong = int(slip) if int(slip) != value else value + 1  # a slip is never the answer
+    return prompt, str(value), str(wrong)
+
+
 OPTION_LETTERS = "ABCD"
 _OPTION = re.compile(r"\b([A-D])\b")
 
@@ -237,6 +262,9 @@ TASKS: dict[str, Task] = {
              last_integer_match, 4, max_new_tokens=24),
         Task("code_nl", "code", "output of a one-line Python string expression, natural-language prompt", _code_nl,
              string_output_match, 8, max_new_tokens=24),
+        Task("code_int_nl", "code", "what print() shows for a one-line Python integer expression (//, %, operator "
+             "precedence, len, max), natural-language prompt", _code_int_nl, last_integer_match, 4,
+             max_new_tokens=16),
         Task("code_mcq_nl", "code", "output of a one-line Python string expression, 4-option multiple choice, "
              "natural-language prompt", _code_mcq_nl, option_letter_match, 1, max_new_tokens=8),
     ]
