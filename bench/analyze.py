@@ -29,6 +29,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 IO_FLOOR = r"""
+import sys
+from pathlib import Path
 buf = bytearray(8 << 20)
 for d in sys.argv[1:]:
     for f in sorted(Path(d).glob("*.safetensors")):

@@ -30,6 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 # sarmerge method → mergekit 0.1.5 method timed against it (RAM+ is `ramplus_tl` there, with its own formula)
 MERGEKIT_METHODS = {"ties": "ties", "task_arithmetic": "task_arithmetic", "ram": "ram", "ram_plus": "ramplus_tl"}
 IO_FLOOR = r"""
+import sys
+from pathlib import Path
 inputs, out, size = [Path(p) for p in sys.argv[1:-2]], Path(sys.argv[-2]), int(sys.argv[-1])
 buf = bytearray(8 << 20)
 for d in inputs:
