@@ -197,3 +197,60 @@ def test_replace_block_keeps_everything_outside_the_markers(tmp_path):
     doc.write_text("<!-- /a --> x <!-- a -->")
     with pytest.raises(SarmergeError, match="in that order"):
         replace_block(doc, "<!-- a -->", "<!-- /a -->", "t")
+
+
+def test_realistic_experiment_end_to_end_on_the_tiny_family(tiny_family, tmp_path):
+    """The realistic family's driver on a copy of the tiny family given per-problem scores.json and paired gains
+    (what `sarmerge zoo smollm2-grpo` records): real Fisher (three variants), real merges, real scoring, the report
+    block, the plot; a rerun resumes from raw.json without redoing a merge."""
+    import shutil
+
+    import torch
+
+    from bench.experiment import realistic
+    from sarmerge.hf import checkpoint_tokenizer, load_causal_lm
+    from sarmerge.zoo.smollm2 import paired_gain, problem_scores
+    from sarmerge.zoo.tasks import get_task
+
+    root = tmp_path / "fam"
+    shutil.copytree(tiny_family["root"], root)
+    fam = json.loads((root / "family.json").read_text())
+    n = 12
+    problems = {t: get_task(t).generate(n, seed=fam["seed"], split="test") for t in ("math", "code")}
+
+    def scores(path):
+        model, tok = load_causal_lm(root / path, dtype=torch.float32, device="cpu"), checkpoint_tokenizer(root / path)
+        return {t: problem_scores(model, tok, get_task(t), ps) for t, ps in problems.items()}
+
+    recorded = {"base": scores(fam["base"]["path"])}
+    for m in fam["members"]:
+        recorded[m["name"]] = {m["task"]: scores(m["path"])[m["task"]]}
+        m["own_task_test"] = paired_gain(recorded["base"][m["task"]], recorded[m["name"]][m["task"]])
+    (root / "scores.json").write_text(json.dumps({"scores": {k: {t: "".join(str(int(v)) for v in s)
+                                                               for t, s in by.items()} for k, by in recorded.items()}}))
+    (root / "family.json").write_text(json.dumps(fam))
+    doc = tmp_path / "EXPERIMENTS.md"
+    doc.write_text("# head\n\n<!-- realistic:begin -->\nold\n<!-- realistic:end -->\ntail\n")
+    argv = ["--family", str(root), "--out", str(tmp_path / "out"), "--methods", "task_arithmetic", "sar",
+            "--test-n", str(n), "--val-n", "4", "--fisher-examples", "2", "--workers", "1",
+            "--experiments", str(doc), "--plots-dir", str(tmp_path / "plots"), "--no-progress"]
+    assert realistic.main(argv) == 0
+    results = json.loads((tmp_path / "plots" / "smollm2_results.json").read_text())
+    assert set(results["settings"]) == {"fusion_s0", "fusion_s1", "enhance_math", "enhance_code"}
+    labels = {"task_arithmetic", "sar", *(v[0] for v in realistic.VARIANTS)}
+    assert labels <= set(results["rows"])
+    for label, row in results["rows"].items():
+        assert set(row["settings"]["fusion_s0"]) == {"math", "code"}
+        assert set(row["settings"]["enhance_math"]) == {"math"}
+        cell = row["settings"]["fusion_s1"]["math"]
+        assert cell["vs_base"]["n"] == n and cell["ci95"][0] <= cell["acc"] <= cell["ci95"][1]
+        assert (row["vs_sar"]["fusion"] is None) == (label == "sar")
+    for variant in ("sampled", "empirical", "random"):
+        assert (tmp_path / "out" / "fisher" / f"math_s0-{variant}-2" / "fisher_manifest.json").is_file()
+    text = doc.read_text()
+    assert text.startswith("# head\n\n<!-- realistic:begin -->\n## 5.")
+    assert text.endswith("<!-- realistic:end -->\ntail\n")
+    assert (tmp_path / "plots" / "smollm2_methods.png").stat().st_size > 10_000
+    raw = (tmp_path / "out" / "raw.json").read_text()
+    shutil.rmtree(tmp_path / "out" / "fisher")  # a rerun recomputes Fisher but no merge: every score is in raw.json
+    assert realistic.main(argv) == 0 and (tmp_path / "out" / "raw.json").read_text() == raw
