@@ -6,10 +6,10 @@ Airflow task and a container: `plan` (and `plan finish`), `fisher`, `evaluate`, 
 commit`, `register merged`, `promote`; plus `regression` (the regression_eval DAG's one step) and `register
 checkpoint` (= `sarmerge register`, the user's upload).
 
-Shared by the steps: `steps` (the table), `params` (params.yaml), `registry` (MLflow conventions), `ledger` (exactly-once claims),
-`workspace` (per-job git + DVC folders), `cache`, `evidence` (gates' statistics on evaluation records), `containers`
-(the runner settings schema), `common` (logging, the result line, exit codes), `trainer_callback` (registration from
-a transformers/TRL run).
+Shared by the steps: `steps` (the table), `params` (params.yaml), `registry` (MLflow conventions), `ledger`
+(exactly-once claims), `workspace` (per-job git + DVC folders), `cache`, `evidence` (gates' statistics on evaluation
+records), `containers` (the runner settings schema), `common` (logging, the result line, exit codes),
+`trainer_callback` (registration from a transformers/TRL run).
 
 Services (long-running, not steps): `stack` (the embedded and production stacks), `relay` (the MLflow webhook relay),
 `demo` (the README's first command).
