@@ -28,6 +28,14 @@ __all__ = [
 
 
 
+# sections 1-4 are the tiny family's; the realistic family has its own driver and section (kept across reruns)
+REALISTIC_POINTER = (
+    "Sections 1–4 measure the tiny zoo family. The geometry against RLVR's signatures for both families and the "
+    "experiment on the RLVR-realistic SmolLM2 family (TRL GRPO) follow in the sections after them "
+    "(`python -m bench.geometry_literature`, `python -m bench.experiment.realistic`)."
+)
+
+
 def make_plots(results: dict[str, Any], plots_dir: Path) -> list[str]:
     import matplotlib
 
@@ -145,6 +153,7 @@ def render_report(results: dict[str, Any], opt: Options) -> str:
       f"`{results['git_revision']}`; wall time {results['timings_s']['total'] / 60:.1f} min "
       f"({results['merges']} merges through the engine{reuse_note(results)}). Raw numbers: "
       "`bench/results/experiment/results.json` (a copy: `docs/experiments/results.json`).\n")
+    w(f"{REALISTIC_POINTER}\n")
 
     w("## Summary\n")
     for line in summary_lines(results):
