@@ -33,13 +33,13 @@ def describe_errors(e: ValidationError, where: str, name: Callable[[tuple[Any, .
     return "; ".join(parts[:most]) + more
 
 
-def _bare(annotation: Any) -> tuple[Any, bool]:
-    """(the type without `None`, whether None is allowed)."""
+def _bare(annotation: Any) -> Any:
+    """The type without `None` (`int | None` → `int`): what a flag's value parses as."""
     if get_origin(annotation) in (Union, types.UnionType):
         args = [a for a in get_args(annotation) if a is not type(None)]
         if len(args) == 1:
-            return args[0], True
-    return annotation, False
+            return args[0]
+    return annotation
 
 
 class Options(BaseModel):
@@ -70,7 +70,7 @@ class Options(BaseModel):
     def add_flags(cls, parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
         """One flag per field. Flags the user does not give stay out of the namespace, so defaults live only here."""
         for name, field in cls.model_fields.items():
-            kind, _ = _bare(field.annotation)
+            kind = _bare(field.annotation)
             default = field.get_default(call_default_factory=True)
             text = field.description or ""
             kw: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS}
