@@ -67,20 +67,15 @@ def wilson(k: int, n: int) -> list[float]:
 
 
 def paired(a: list[int], b: list[int]) -> dict[str, Any]:
-    """a − b on the same problems: mean, 95 % normal interval, exact two-sided McNemar p, verdict."""
-    n = len(a)
-    if n != len(b) or n == 0:
-        raise SarmergeError(f"paired comparison of {len(a)} vs {len(b)} scores")
-    diffs = [x - y for x, y in zip(a, b, strict=True)]
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1) if n > 1 else 0.0
-    half = Z975 * math.sqrt(var / n)
-    wins, losses = sum(d > 0 for d in diffs), sum(d < 0 for d in diffs)
-    m, k = wins + losses, min(wins, losses)
-    p = min(1.0, 2 * sum(math.comb(m, i) for i in range(k + 1)) / 2 ** m) if m else 1.0
-    verdict = "better" if mean - half > 0 else "worse" if mean + half < 0 else "inconclusive"
-    return {"n": n, "diff": round(mean, 4), "ci95": [round(mean - half, 4), round(mean + half, 4)],
-            "wins": wins, "losses": losses, "mcnemar_p": round(p, 5), "verdict": verdict}
+    """a − b on the same problems (the zoo's paired gain test: mean, 95 % normal interval, exact McNemar p) and its
+    verdict."""
+    from sarmerge.zoo.smollm2 import paired_gain
+
+    t = paired_gain(b, a)
+    lo, hi = t["ci95"]
+    verdict = "better" if lo > 0 else "worse" if hi < 0 else "inconclusive"
+    return {"n": t["problems"], "diff": t["gain"], "ci95": t["ci95"], "wins": t["gained"], "losses": t["lost"],
+            "mcnemar_p": t["mcnemar_p"], "verdict": verdict}
 
 
 # -- the family, its Fishers and the merges -------------------------------------------------------------------------
