@@ -185,22 +185,30 @@ def main() -> None:
 
     results: dict[str, dict] = {}
 
-    def measure(label: str, make_cmd) -> dict:
-        walls, rss, inproc = [], [], []
+    def measure(label: str, make_cmd, *, against: tuple[str, object] | None = None) -> dict:
+        """Median wall/RSS of `args.runs` fresh processes; with `against=(label, make_cmd)` the two jobs alternate
+        run by run, so a change of machine load hits both alike."""
+        jobs = [(label, make_cmd), *([against] if against else [])]
+        walls: dict[str, list[float]] = {name: [] for name, _ in jobs}
+        rss: dict[str, list[float]] = {name: [] for name, _ in jobs}
+        inproc: dict[str, list[float]] = {name: [] for name, _ in jobs}
         for r in range(args.runs):
-            subprocess.run(["rm", "-rf", str(out)], check=True)
-            out.mkdir(parents=True) if not label.startswith("sarmerge") else None
-            w, m = timed(make_cmd(), env)
-            walls.append(w)
-            rss.append(m)
-            if label.startswith("sarmerge"):  # the merge's own clock, without interpreter and import start-up
-                inproc.append(json.loads((out / "merge_manifest.json").read_text())["timings_s"]["total"])
-            print(f"  {label} run {r + 1}: {w:.2f}s, peak RSS {m:.0f} MiB", flush=True)
-        res = {"wall_s": statistics.median(walls), "rss_mib": statistics.median(rss), "walls": walls}
-        if inproc:
-            res["inproc_s"] = statistics.median(inproc)
-        results[label] = res
-        return res
+            for name, cmd in jobs:
+                subprocess.run(["rm", "-rf", str(out)], check=True)
+                out.mkdir(parents=True) if not name.startswith("sarmerge") else None
+                w, m = timed(cmd(), env)
+                walls[name].append(w)
+                rss[name].append(m)
+                if name.startswith("sarmerge"):  # the merge's own clock, without interpreter and import start-up
+                    inproc[name].append(json.loads((out / "merge_manifest.json").read_text())["timings_s"]["total"])
+                print(f"  {name} run {r + 1}: {w:.2f}s, peak RSS {m:.0f} MiB", flush=True)
+        for name, _ in jobs:
+            res = {"wall_s": statistics.median(walls[name]), "rss_mib": statistics.median(rss[name]),
+                   "walls": walls[name], "rss": rss[name]}
+            if inproc[name]:
+                res["inproc_s"] = statistics.median(inproc[name])
+            results[name] = res
+        return results[label]
 
     out_bytes = dir_bytes(members[0])
     floor_script = work / "io_floor.py"
@@ -215,7 +223,9 @@ def main() -> None:
     rows = []
     for method in args.methods.split(","):
         fam_inputs = "io_floor+fisher" if method == "sar" else "io_floor"
-        o = measure(f"sarmerge/{method}", lambda method=method: ours(method, members, fishers))
+        compare = mergekit and method in MERGEKIT_METHODS
+        o = measure(f"sarmerge/{method}", lambda method=method: ours(method, members, fishers),
+                    against=(f"mergekit/{method}", lambda method=method: theirs(method)) if compare else None)
         row = {
             "method": method,
             "ours_s": o["wall_s"],
@@ -225,8 +235,8 @@ def main() -> None:
             "inproc_s": o["inproc_s"],
             "inproc_vs_floor": o["inproc_s"] / results[fam_inputs]["wall_s"],
         }
-        if mergekit and method in MERGEKIT_METHODS:
-            t = measure(f"mergekit/{method}", lambda method=method: theirs(method))
+        if compare:
+            t = results[f"mergekit/{method}"]
             row |= {
                 "mk_s": t["wall_s"],
                 "mk_rss": t["rss_mib"],
@@ -290,8 +300,9 @@ def render(r: dict) -> str:
             if r.get("shape") else f"{r['params_per_model']:.2g} params per model")
     lines = [
         f"Synthetic Qwen2-shaped family, base + 3 children, ~20 % sparse bf16 updates, {size} "
-        f"({r['model_mib']:.0f} MiB each, 2 GB shards). Median of {r['runs']} runs, each a fresh process, page "
-        f"cache warm; sarmerge with {r.get('threads', 1)} torch thread(s), mergekit with torch's default. "
+        f"({r['model_mib']:.0f} MiB each, 2 GB shards). Median of {r['runs']} runs, each a fresh process, "
+        f"sarmerge and mergekit runs alternating, page cache warm; sarmerge with {r.get('threads', 1)} torch "
+        "thread(s), mergekit with torch's default. "
         f"Machine: {r['machine']}. Ratios are against baselines measured in the same run.",
         "",
         "| method | sarmerge s | I/O floor s | vs floor (target ≤ 2×) | in-process s | in-process vs floor | "

@@ -67,7 +67,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--out", type=Path, required=True, help="output directory (created atomically)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--tasks", default=None,
-                   help="comma-separated tasks, one domain each (default math_nl,code_int_nl)")
+                   help="comma-separated tasks, one domain each (default math_nl,code_minmax_nl)")
     g.add_argument("--seeds-per-task", type=int, default=None, help="specialists per task (default 2)")
     g.add_argument("--steps", type=int, default=None, help="GRPO steps per specialist (default 20)")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (default 1e-5)")

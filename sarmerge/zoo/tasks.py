@@ -20,7 +20,11 @@ Tasks:
   within a GRPO group; but it sits at chance (25 %) and 20 GRPO steps did not move it.
 - `code_int_nl`: what `print(...)` shows for a one-line Python integer expression (floor division, modulo, operator
   precedence, `len` of a list, `max`), the final integer of the reply scored. SmolLM2-135M-Instruct gets ~16 % right
-  (it knows `max` and `%` partly, precedence not at all): the code domain of the SmolLM2 GRPO family.
+  (it knows `max` and `%` partly, precedence not at all), but its reward is too rare for 20 GRPO steps to learn from
+  (measured: mean reward 0.07 per step, gains of -1 and -3.5 points).
+- `code_minmax_nl`: what `print(max(...))` or `print(min(...))` shows for 2-5 integers, the final integer of the reply
+  scored. The base gets ~42 % (max 46 %, min 38 %): reward within a GRPO group disagrees often, so the code domain of
+  the SmolLM2 GRPO family learns from it.
 """
 
 from __future__ import annotations
@@ -220,6 +224,16 @@ def _code_int_nl(rng: random.Random) -> tuple[str, str, str]:
     return prompt, str(value), str(wrong)
 
 
+def _code_minmax_nl(rng: random.Random) -> tuple[str, str, str]:
+    xs = [rng.randint(0, 30) for _ in range(rng.randint(2, 5))]
+    if len(set(xs)) == 1:  # max == min: the slip would be right
+        xs[-1] = (xs[-1] + 1) % 31
+    fn, value, slip = (("max", max(xs), min(xs)) if rng.random() < 0.5 else ("min", min(xs), max(xs)))
+    prompt = (f"What does this Python code print?\nprint({fn}({', '.join(map(str, xs))}))\n"
+              "Reply with only the printed value.")
+    return prompt, str(value), str(slip)  # slip: max and min confused
+
+
 OPTION_LETTERS = "ABCD"
 _OPTION = re.compile(r"\b([A-D])\b")
 
@@ -265,6 +279,8 @@ TASKS: dict[str, Task] = {
         Task("code_int_nl", "code", "what print() shows for a one-line Python integer expression (//, %, operator "
              "precedence, len, max), natural-language prompt", _code_int_nl, last_integer_match, 4,
              max_new_tokens=16),
+        Task("code_minmax_nl", "code", "what print() shows for max(...) or min(...) of 2-5 integers 0..30, "
+             "natural-language prompt", _code_minmax_nl, last_integer_match, 4, max_new_tokens=16),
         Task("code_mcq_nl", "code", "output of a one-line Python string expression, 4-option multiple choice, "
              "natural-language prompt", _code_mcq_nl, option_letter_match, 1, max_new_tokens=8),
     ]
