@@ -245,12 +245,13 @@ def test_realistic_experiment_end_to_end_on_the_tiny_family(tiny_family, tmp_pat
         cell = row["settings"]["fusion_s1"]["math"]
         assert cell["vs_base"]["n"] == n and cell["ci95"][0] <= cell["acc"] <= cell["ci95"][1]
         assert (row["vs_sar"]["fusion"] is None) == (label == "sar")
+    work = tmp_path / "out" / f"family-{realistic.family_key(root)}"  # results are kept per family build
     for variant in ("sampled", "empirical", "random"):
-        assert (tmp_path / "out" / "fisher" / f"math_s0-{variant}-2" / "fisher_manifest.json").is_file()
+        assert (work / "fisher" / f"math_s0-{variant}-2" / "fisher_manifest.json").is_file()
     text = doc.read_text()
     assert text.startswith("# head\n\n<!-- realistic:begin -->\n## 5.")
     assert text.endswith("<!-- realistic:end -->\ntail\n")
     assert (tmp_path / "plots" / "smollm2_methods.png").stat().st_size > 10_000
-    raw = (tmp_path / "out" / "raw.json").read_text()
-    shutil.rmtree(tmp_path / "out" / "fisher")  # a rerun recomputes Fisher but no merge: every score is in raw.json
-    assert realistic.main(argv) == 0 and (tmp_path / "out" / "raw.json").read_text() == raw
+    raw = (work / "raw.json").read_text()
+    shutil.rmtree(work / "fisher")  # a rerun recomputes Fisher but no merge: every score is in raw.json
+    assert realistic.main(argv) == 0 and (work / "raw.json").read_text() == raw

@@ -99,6 +99,25 @@ def test_code_int_answers_are_what_print_shows_and_every_kind_occurs() -> None:
     assert score("7", "7") == 1.0 and score("The code prints 7.", "7") == 1.0 and score("-7", "7") == 0.0
 
 
+def test_code_minmax_answers_are_what_print_shows_and_both_functions_occur() -> None:
+    import builtins
+    import contextlib
+    import io
+
+    functions = []
+    problems = get_task("code_minmax_nl").generate(200, seed=0, split="test")
+    for p in problems:
+        line = p.prompt.splitlines()[1]
+        assert line.startswith(("print(max(", "print(min(")) and line.endswith("))"), p.prompt
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):  # our own generator's text, never model output
+            eval(line, {"__builtins__": {"print": builtins.print, "max": max, "min": min}})
+        assert out.getvalue().strip() == p.answer and p.slip != p.answer, p.prompt
+        functions.append(line[6:9])
+    assert 0.35 < functions.count("max") / len(functions) < 0.65  # seeded: ~half each
+    assert len({p.prompt for p in problems}) == 200
+
+
 def test_code_mcq_options_hold_the_evaluated_answer_once_under_its_letter() -> None:
     letters = []
     for p in get_task("code_mcq_nl").generate(200, seed=0, split="test"):

@@ -18,6 +18,7 @@ docs/experiments/smollm2_results.json, docs/experiments/smollm2_methods.png and 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import math
@@ -264,15 +265,24 @@ def summarize(run: Runner, labels: list[str], test_n: int, refs: dict[str, dict[
     return rows
 
 
+def family_key(root: Path) -> str:
+    """The zoo's cache key of a family folder, or (a hand-made family) the digest of its family.json."""
+    text = (root / "family.json").read_bytes()
+    return json.loads(text).get("key") or hashlib.sha256(text).hexdigest()[:20]
+
+
 def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     t0 = time.perf_counter()
     fam = read_family(args.family, seed=json.loads((args.family / "family.json").read_text()).get("seed", 0))
     refs = reference_scores(fam)
     test_n = min(len(next(iter(refs["base"].values()))), args.test_n)
-    args.out.mkdir(parents=True, exist_ok=True)
-    fishers = compute_fishers(fam, args.out / "fisher", args.fisher_examples, args.progress)
+    # Fisher stores and raw scores are named by specialist and setting, so they live under the family's key: a
+    # rebuilt family (same names, new weights) never resumes from the old one's results
+    work = args.out / f"family-{family_key(args.family)}"
+    work.mkdir(parents=True, exist_ok=True)
+    fishers = compute_fishers(fam, work / "fisher", args.fisher_examples, args.progress)
     t_fisher = time.perf_counter() - t0
-    run = Runner(fam, fishers, args.out, args.workers, args.threads)
+    run = Runner(fam, fishers, work, args.workers, args.threads)
     # validation: every method's default and its grid; the best mean (fusion + enhancement units) is its tuned pick
     grid = [(f"{m} {json.dumps(p, sort_keys=True)}", m, p, "sampled") for m, ps in TUNE_GRIDS.items() for p in ps]
     defaults = [(m, m, {}, "sampled") for m in args.methods]
