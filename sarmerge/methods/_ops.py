@@ -85,8 +85,10 @@ def radix_low(x: torch.Tensor, high: torch.Tensor, k: int) -> torch.Tensor:
     if not 0 < k < int(high.sum()):
         return torch.zeros(RADIX, dtype=torch.int64, device=x.device)
     digit, _ = _boundary(high, k)
-    keys = magnitude_keys(x)
-    return torch.bincount(keys[(keys >> 16) == digit] & 0xFFFF, minlength=RADIX)
+    # offsets into the boundary bin; entries outside it go to an overflow bin (cheaper than a masked select)
+    low = magnitude_keys(x).sub_(digit << 16)
+    low.masked_fill_((low < 0) | (low >= RADIX), RADIX)
+    return torch.bincount(low, minlength=RADIX + 1)[:RADIX]
 
 
 def streamed_topk_mask(x: torch.Tensor, high: torch.Tensor, low: torch.Tensor, k: int,
@@ -129,17 +131,21 @@ def keep_top_fraction(x: torch.Tensor, density: float) -> torch.Tensor:
 def sign_consensus_merge(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """TIES election and disjoint mean: γ = sgn(Σ w_t τ̂_t); average the weighted entries that agree with γ.
 
-    Accumulates model by model instead of stacking, so memory is three tensors beyond the inputs.
+    Accumulates model by model instead of stacking, so memory is three tensors beyond the inputs. An entry agrees
+    when a = γ·w·τ̂ > 0, so Σ of the agreeing w·τ̂ is γ·Σ max(a, 0): four passes per model instead of eight (×±1
+    is exact, so the result is bitwise the same as summing the agreeing w·τ̂ directly).
     """
-    positive = weighted_sum(deltas, weights) >= 0  # γ = +1 where Σ w_t τ̂_t ≥ 0
+    sign = torch.where(weighted_sum(deltas, weights) >= 0, 1.0, -1.0).to(deltas[0].dtype)  # γ, +1 where Σ = 0
     num = torch.zeros_like(deltas[0])
     den = torch.zeros_like(deltas[0])
     for w, d in zip(weights, deltas, strict=True):
-        wd = d * w
-        agree = torch.where(positive, wd > 0, wd < 0)
-        num += wd.mul_(agree)
-        den += agree * w
-    return num.div_(torch.where(den != 0, den, torch.ones_like(den)))
+        aligned = d * sign
+        if w != 1.0:
+            aligned.mul_(w)
+        den.add_((aligned > 0).to(den.dtype), alpha=w)
+        num += aligned.clamp_(min=0)
+    # + 0.0 turns the −0 of γ = −1 entries with no agreeing update into +0, as the direct sum gives
+    return num.mul_(sign).add_(0.0).div_(torch.where(den != 0, den, torch.ones_like(den)))
 
 
 def weighted_sum(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
