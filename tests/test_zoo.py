@@ -99,16 +99,18 @@ def test_code_int_answers_are_what_print_shows_and_every_kind_occurs() -> None:
     assert score("7", "7") == 1.0 and score("The code prints 7.", "7") == 1.0 and score("-7", "7") == 0.0
 
 
-def test_code_minmax_answers_are_what_print_shows_and_both_functions_occur() -> None:
+@pytest.mark.parametrize(("task", "arity"), [("code_minmax_nl", range(2, 6)), ("code_minmax2_nl", range(2, 3))])
+def test_code_minmax_answers_are_what_print_shows_and_both_functions_occur(task: str, arity: range) -> None:
     import builtins
     import contextlib
     import io
 
     functions = []
-    problems = get_task("code_minmax_nl").generate(200, seed=0, split="test")
+    problems = get_task(task).generate(200, seed=0, split="test")
     for p in problems:
         line = p.prompt.splitlines()[1]
         assert line.startswith(("print(max(", "print(min(")) and line.endswith("))"), p.prompt
+        assert line.count(",") + 1 in arity, p.prompt
         out = io.StringIO()
         with contextlib.redirect_stdout(out):  # our own generator's text, never model output
             eval(line, {"__builtins__": {"print": builtins.print, "max": max, "min": min}})

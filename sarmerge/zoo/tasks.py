@@ -22,9 +22,11 @@ Tasks:
   precedence, `len` of a list, `max`), the final integer of the reply scored. SmolLM2-135M-Instruct gets ~16 % right
   (it knows `max` and `%` partly, precedence not at all), but its reward is too rare for 20 GRPO steps to learn from
   (measured: mean reward 0.07 per step, gains of -1 and -3.5 points).
-- `code_minmax_nl`: what `print(max(...))` or `print(min(...))` shows for 2-5 integers, the final integer of the reply
-  scored. The base gets ~42 % (max 46 %, min 38 %): reward within a GRPO group disagrees often, so the code domain of
-  the SmolLM2 GRPO family learns from it.
+- `code_minmax_nl`: what `print(max(...))` or `print(min(...))` shows for 2-5 integers 0..30, the final integer of the
+  reply scored. The base gets 25 % of 200 test problems (max 30 %, min 20 %; it mostly names a wrong list element);
+  20 GRPO steps at lr 2e-5 gained +1.0 (not significant) and +7.5 points (p = 0.003) for the two seeds.
+- `code_minmax2_nl`: the same for two distinct integers 0..50. The base gets 51 %, so about half of each GRPO group
+  disagrees; one 20-step trial at lr 2e-5 gained +11 points (p = 6e-5, 200 test problems).
 """
 
 from __future__ import annotations
@@ -234,6 +236,13 @@ def _code_minmax_nl(rng: random.Random) -> tuple[str, str, str]:
     return prompt, str(value), str(slip)  # slip: max and min confused
 
 
+def _code_minmax2_nl(rng: random.Random) -> tuple[str, str, str]:
+    a, b = rng.sample(range(51), 2)
+    fn, value, slip = (("max", max(a, b), min(a, b)) if rng.random() < 0.5 else ("min", min(a, b), max(a, b)))
+    prompt = f"What does this Python code print?\nprint({fn}({a}, {b}))\nReply with only the printed value."
+    return prompt, str(value), str(slip)
+
+
 OPTION_LETTERS = "ABCD"
 _OPTION = re.compile(r"\b([A-D])\b")
 
@@ -281,6 +290,8 @@ TASKS: dict[str, Task] = {
              max_new_tokens=16),
         Task("code_minmax_nl", "code", "what print() shows for max(...) or min(...) of 2-5 integers 0..30, "
              "natural-language prompt", _code_minmax_nl, last_integer_match, 4, max_new_tokens=16),
+        Task("code_minmax2_nl", "code", "what print() shows for max(a, b) or min(a, b), distinct integers 0..50, "
+             "natural-language prompt", _code_minmax2_nl, last_integer_match, 4, max_new_tokens=16),
         Task("code_mcq_nl", "code", "output of a one-line Python string expression, 4-option multiple choice, "
              "natural-language prompt", _code_mcq_nl, option_letter_match, 1, max_new_tokens=8),
     ]
