@@ -244,6 +244,8 @@ def main() -> None:
                 "rss_ratio": o["rss_mib"] / t["rss_mib"],
             }
         rows.append(row)
+        # A long run (1.5B shape: hours) can be cut short; keep what is measured so far.
+        (work / "partial.json").write_text(json.dumps({"rows": rows, "raw": results}, indent=2))
     threads_row = None
     if args.also_threads:
         t = measure(f"sarmerge/ties@{args.also_threads}threads",

@@ -7,6 +7,7 @@ from pydantic import Field, model_validator
 
 from sarmerge.methods import TensorGroup, merge_method
 from sarmerge.methods import _mergekit as mk
+from sarmerge.methods._ops import block_slices, blockwise
 
 
 class RamParams(mk.Dialect):
@@ -42,10 +43,15 @@ def supports(deltas: list[torch.Tensor], epsilon: float) -> tuple[list[torch.Ten
 def support_stats(g: TensorGroup, p: RamParams) -> dict[str, torch.Tensor]:
     """Per model t, how many entries it moved alone (unique_t) and together with others (overlap_t): [N, 2] int64.
     Sums over row chunks give the whole tensor's counts (a `stats` pass of the multi-pass streaming methods)."""
-    movers, count = supports([w * d for w, d in zip(g.weights, g.deltas, strict=True)], p.epsilon)
-    unique_mask, overlap_mask = count == 1, count >= 2
-    counts = [[int(torch.count_nonzero(m & unique_mask)), int(torch.count_nonzero(m & overlap_mask))] for m in movers]
-    return {"support_counts": torch.tensor(counts, dtype=torch.int64)}
+    counts = torch.zeros(len(g.weights), 2, dtype=torch.int64)
+    flat = [d.reshape(-1) for d in g.deltas]
+    for b in block_slices(flat[0]):  # in cache-sized blocks, as `blockwise`
+        movers, count = supports([w * d[b] for w, d in zip(g.weights, flat, strict=True)], p.epsilon)
+        unique_mask, overlap_mask = count == 1, count >= 2
+        for t, m in enumerate(movers):
+            counts[t, 0] += int(torch.count_nonzero(m & unique_mask))
+            counts[t, 1] += int(torch.count_nonzero(m & overlap_mask))
+    return {"support_counts": counts}
 
 
 def unique_boost(g: TensorGroup, p: RamPlusParams) -> list[float]:
@@ -55,16 +61,20 @@ def unique_boost(g: TensorGroup, p: RamPlusParams) -> list[float]:
 
 
 def _ram(g: TensorGroup, p: RamParams, boosts: list[float] | None) -> torch.Tensor:
-    deltas = [w * d for w, d in zip(g.weights, g.deltas, strict=True)]
-    movers, count = supports(deltas, p.epsilon)
-    unique, overlap = count == 1, count >= 2
-    divisor = count.clamp(min=1).to(deltas[0].dtype)
-    merged = torch.zeros_like(deltas[0])
-    for t, d in enumerate(deltas):
-        factor = boosts[t] if boosts else 1.0
-        merged += torch.where(movers[t] & unique, d * factor, 0.0)
-        merged += torch.where(movers[t] & overlap, d / divisor, 0.0)
-    return g.base + p.lambda_ * merged
+    def block(tensors: list[torch.Tensor]) -> torch.Tensor:
+        base, deltas = tensors[0], [w * d for w, d in zip(g.weights, tensors[1:], strict=True)]
+        movers, count = supports(deltas, p.epsilon)
+        unique, overlap = count == 1, count >= 2
+        divisor = count.clamp(min=1).to(deltas[0].dtype)
+        merged = torch.zeros_like(deltas[0])
+        for t, d in enumerate(deltas):
+            factor = boosts[t] if boosts else 1.0
+            merged += torch.where(movers[t] & unique, d * factor, 0.0)
+            merged += torch.where(movers[t] & overlap, d / divisor, 0.0)
+        return base + p.lambda_ * merged
+
+    deltas = g.deltas  # before `base` is read: computing them checks that there is one
+    return blockwise(block, [g.base, *deltas])
 
 
 @merge_method("ram", params=RamParams, chunking="element",
