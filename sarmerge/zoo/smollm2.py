@@ -385,7 +385,8 @@ class SmolGRPOFamilyConfig:
 
     seed: int = 0
     # greedy base accuracy on 200 test problems: math_nl 19 %, code_minmax_nl 25 % (code_int_nl 11 % and code_mcq_nl, at
-    # chance, did not learn in 20 GRPO steps: -1 to -3.5 points; code_minmax_nl gained +1.0 and +7.5 at lr 2e-5)
+    # chance, did not learn in 20 GRPO steps: -1 to -3.5 points; code_minmax_nl gained +1.0 and +7.5 at lr 2e-5,
+    # code_minmax2_nl (base 48 %) +2.5 and +2.0)
     tasks: tuple[str, ...] = ("math_nl", "code_minmax_nl")
     seeds_per_task: int = 2
     grpo: TRLGRPOSettings = dataclasses.field(default_factory=TRLGRPOSettings)
