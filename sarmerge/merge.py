@@ -23,7 +23,7 @@ import torch
 from tqdm import tqdm
 
 from sarmerge import __version__
-from sarmerge.checkpoint import DTYPE_CODES, SAFETENSORS_DTYPES, Checkpoint, ShardedWriter, torch_dtype
+from sarmerge.checkpoint import DTYPE_CODES, SAFETENSORS_DTYPES, Checkpoint, ShardedWriter, all_finite, torch_dtype
 from sarmerge.config import MergeConfig, load_config
 from sarmerge.errors import SarmergeError
 from sarmerge.fisher_store import FisherStore
@@ -249,7 +249,7 @@ class _Merger:
             group.fishers = self._fishers(name, rows, raw)
         raw.clear()  # the stored-dtype copies are no longer needed: free them before the method allocates
         merged = self.cfg.spec.fn(group, self.params[name])
-        if not bool(torch.isfinite(merged).all()):
+        if not all_finite(merged):
             raise SarmergeError(f"tensor {name!r}: method {self.cfg.method!r} produced NaN/Inf (check its parameters)")
         return merged.to("cpu", out_dtype)
 

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from sarmerge.checkpoint import Checkpoint, ShardedWriter, atomic_output_dir, parse_size
+from sarmerge.checkpoint import Checkpoint, ShardedWriter, all_finite, atomic_output_dir, parse_size
 from sarmerge.errors import SarmergeError
 
 TENSORS = {
@@ -108,6 +108,17 @@ def test_nan_and_inf_are_named(tmp_path):
     ck.read("ok")
     with pytest.raises(SarmergeError, match=r"'bad.weight' contains 2 NaN/Inf"):
         ck.read("bad.weight")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_all_finite_is_exact_where_the_fast_sum_overflows(dtype):
+    big = torch.full((1000,), 3e38, dtype=torch.float64).to(dtype)  # finite, but its fp32 sum is inf
+    assert not torch.isfinite(big.sum(dtype=torch.float32)) and all_finite(big)
+    assert all_finite(torch.randn(4096).to(dtype))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for t in (big.clone(), torch.randn(4096).to(dtype)):
+            t[len(t) // 2] = bad
+            assert not all_finite(t), (dtype, bad)
 
 
 def test_missing_and_empty_checkpoints(tmp_path):

@@ -278,6 +278,18 @@ def test_bad_inputs_fail_clearly_and_write_nothing(case, fam, tmp_path, capsys):
     assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
 
 
+def test_a_merge_that_overflows_is_refused_naming_the_tensor(fam, tmp_path, capsys):
+    # finite inputs, a result that is not: λ = 1e40 is a valid float in the config but overflows fp32 compute
+    cfg = write_cfg(tmp_path / "c.yaml", method="task_arithmetic", base_model=str(fam / "base"),
+                    parameters={"lambda": 1e40}, models=[{"model": str(fam / "child1")}])
+    out = tmp_path / "out"
+    assert main(["merge", str(cfg), str(out), "--no-progress"]) == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1
+    assert "method 'task_arithmetic' produced NaN/Inf (check its parameters)" in err and "tensor '" in err, err
+    assert not out.exists() and not list(tmp_path.glob(".out.partial-*"))
+
+
 @pytest.mark.parametrize("case", ["no-config", "shape", "vocab"])
 def test_check_runs_the_preflight_alone(case, fam, tmp_path, capsys):
     models = [{"model": str(fam / "child1")}, {"model": str(fam / "child0")}]
@@ -440,12 +452,17 @@ DIGEST_CASES = {
     "ties_full": ({"method": "ties", "parameters": {"density": 1.0}}, False),
     "sar": ({"method": "sar"}, True),
     "ram_plus": ({"method": "ram_plus"}, False),
+    "ram": ({"method": "ram"}, False),  # recorded at 4136ccf, before RAM's one-select-per-model rewrite
 }
 # Recorded from the engine at ab2df3c, before the consolidation of issue #16.
 _CONFIG_AS_INPUT = "c19810855fe324de5da22311ef27246ade35490fca3030484aaf8bafa5e532ea"
 DIGESTS = {
     "linear": {
         "model.safetensors": "85efb817139c5dc9ae6c3f54e0b0683af2b43f0f103058bf023d9e45d193d25b",
+        "config.json": _CONFIG_AS_INPUT,
+    },
+    "ram": {
+        "model.safetensors": "dd9a6880aeac6fdc5edc9b961557ca23eb57c659b60edc8fdceade622bffa753",
         "config.json": _CONFIG_AS_INPUT,
     },
     "ram_plus": {

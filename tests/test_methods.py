@@ -70,8 +70,8 @@ def ref_ties(base, models, weights, density, lam):
     return base + lam * torch.tensor(out).reshape(base.shape)
 
 
-def ref_ram(base, models, eps, boost_r=None):
-    taus = [(m - base).flatten() for m in models]
+def ref_ram(base, models, eps, boost_r=None, weights=None):
+    taus = [w * (m - base).flatten() for w, m in zip(weights or [1.0] * len(models), models)]
     n = base.numel()
     movers = [[abs(t[j].item()) > eps for j in range(n)] for t in taus]
     count = [sum(movers[t][j] for t in range(len(taus))) for j in range(n)]
@@ -118,10 +118,15 @@ class TestAgainstReference:
     def test_ram(self, shape, dtype):
         base, models = family(shape, dtype=dtype)
         torch.testing.assert_close(run("ram", group(base, models)), ref_ram(base, models, 1e-5))
+        w = [1.0, 0.5, 2.0]  # weighted τ_t enter the support test and the average
+        torch.testing.assert_close(run("ram", group(base, models, w)), ref_ram(base, models, 1e-5, weights=w))
 
     def test_ram_plus(self, shape, dtype):
         base, models = family(shape, dtype=dtype)
         torch.testing.assert_close(run("ram_plus", group(base, models), r=1.7), ref_ram(base, models, 1e-5, 1.7))
+        w = [2.0, 1.0, 0.25]
+        torch.testing.assert_close(run("ram_plus", group(base, models, w), r=1.7),
+                                   ref_ram(base, models, 1e-5, 1.7, weights=w))
 
     def test_fisher(self, shape, dtype):
         _, models = family(shape, dtype=dtype)
@@ -387,21 +392,33 @@ def test_blocked_sign_election_is_bitwise_the_textbook_ties_mean(monkeypatch, we
     assert torch.equal(got.view(torch.int32), want.contiguous().view(torch.int32))
 
 
-@pytest.mark.parametrize("method", ["ram", "ram_plus"])
-def test_cache_blocked_elementwise_merges_are_bitwise_the_whole_tensor_merge(monkeypatch, method):
+BLOCKED_CASES = {
+    "ram": ("ram", {}),
+    "ram_plus": ("ram_plus", {}),
+    "sar": ("sar", {}),
+    "sar-hybrid-norm": ("sar", {"arbitration": "hybrid", "rescale": "norm"}),
+    "sar-fisher_avg-dare": ("sar", {"arbitration": "fisher_avg", "rescale": "dare", "sensitivity": "fisher"}),
+    "sar-delta2": ("sar", {"sensitivity": "delta2"}),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BLOCKED_CASES))
+def test_cache_blocked_elementwise_merges_are_bitwise_the_whole_tensor_merge(monkeypatch, case):
     """Blocks that end mid-row (and a transposed, non-contiguous τ) give the same bits as one block over the whole
-    tensor, for the merged values and for RAM+'s support counts."""
+    tensor, for the merged values and for RAM+'s support counts; SAR also with a model that has no Fisher."""
     from sarmerge.methods import _ops
 
+    method, params = BLOCKED_CASES[case]
     g = torch.Generator().manual_seed(9)
     base = torch.randn(29, 31, generator=g)
     models = [base + torch.randn(29, 31, generator=g) * (torch.rand(29, 31, generator=g) < 0.4) * 1e-2
               for _ in range(3)]
     models[2] = models[2].t().contiguous().t()  # same values, column-major strides
     weights = [0.7, 1.3, -0.4]
-    whole = run(method, group(base, models, weights=weights))
+    fishers = [torch.rand(29, 31, generator=g), None, torch.rand(29, 31, generator=g)] if method == "sar" else None
+    whole = run(method, group(base, models, weights=weights, fishers=fishers), **params)
     monkeypatch.setattr(_ops, "CPU_BLOCK", 37)
-    blocked = run(method, group(base, models, weights=weights))
+    blocked = run(method, group(base, models, weights=weights, fishers=fishers), **params)
     assert torch.equal(blocked.view(torch.int32), whole.view(torch.int32))
     assert not torch.equal(whole, base)  # the merge moved something
 

@@ -40,13 +40,18 @@ def supports(deltas: list[torch.Tensor], epsilon: float) -> tuple[list[torch.Ten
     return movers, count
 
 
+def weighted(weights: list[float], deltas: list[torch.Tensor]) -> list[torch.Tensor]:
+    """w_t·τ_t (τ_t itself at w_t = 1: the same values without a pass)."""
+    return [d if w == 1.0 else w * d for w, d in zip(weights, deltas, strict=True)]
+
+
 def support_stats(g: TensorGroup, p: RamParams) -> dict[str, torch.Tensor]:
     """Per model t, how many entries it moved alone (unique_t) and together with others (overlap_t): [N, 2] int64.
     Sums over row chunks give the whole tensor's counts (a `stats` pass of the multi-pass streaming methods)."""
     counts = torch.zeros(len(g.weights), 2, dtype=torch.int64)
     flat = [d.reshape(-1) for d in g.deltas]
     for b in block_slices(flat[0]):  # in cache-sized blocks, as `blockwise`
-        movers, count = supports([w * d[b] for w, d in zip(g.weights, flat, strict=True)], p.epsilon)
+        movers, count = supports(weighted(g.weights, [d[b] for d in flat]), p.epsilon)
         unique_mask, overlap_mask = count == 1, count >= 2
         for t, m in enumerate(movers):
             counts[t, 0] += int(torch.count_nonzero(m & unique_mask))
@@ -62,15 +67,18 @@ def unique_boost(g: TensorGroup, p: RamPlusParams) -> list[float]:
 
 def _ram(g: TensorGroup, p: RamParams, boosts: list[float] | None) -> torch.Tensor:
     def block(tensors: list[torch.Tensor]) -> torch.Tensor:
-        base, deltas = tensors[0], [w * d for w, d in zip(g.weights, tensors[1:], strict=True)]
+        base, deltas = tensors[0], weighted(g.weights, tensors[1:])
         movers, count = supports(deltas, p.epsilon)
-        unique, overlap = count == 1, count >= 2
         divisor = count.clamp(min=1).to(deltas[0].dtype)
+        unique = count == 1 if boosts else None
         merged = torch.zeros_like(deltas[0])
         for t, d in enumerate(deltas):
-            factor = boosts[t] if boosts else 1.0
-            merged += torch.where(movers[t] & unique, d * factor, 0.0)
-            merged += torch.where(movers[t] & overlap, d / divisor, 0.0)
+            # a unique entry's divisor is 1, so d / divisor is exactly its own update there and the movers' mean
+            # where several moved: one select per model (RAM+ adds the boost of the unique ones)
+            share = d / divisor
+            if boosts and boosts[t] != 1.0:
+                share = torch.where(unique, d * boosts[t], share)
+            merged += torch.where(movers[t], share, 0.0)
         return base + p.lambda_ * merged
 
     deltas = g.deltas  # before `base` is read: computing them checks that there is one

@@ -18,8 +18,8 @@ import torch
 from pydantic import Field
 
 from sarmerge.methods import Chunking, Params, TensorGroup, merge_method
-from sarmerge.methods._ops import topk_mask
-from sarmerge.methods.ram import support_stats, supports, unique_boost
+from sarmerge.methods._ops import blockwise, topk_mask
+from sarmerge.methods.ram import support_stats, supports, unique_boost, weighted
 
 
 class SarParams(Params):
@@ -55,58 +55,86 @@ def _sensitivity(p: SarParams, delta: torch.Tensor, fisher: torch.Tensor | None)
 @merge_method("sar", params=SarParams, fisher="any", stats=support_stats)
 def sar(g: TensorGroup, p: SarParams) -> torch.Tensor:
     """SAR-Merging: unique updates kept, overlaps arbitrated by Fisher sensitivity, sparsified and rescaled."""
+    deltas = weighted(g.weights, g.deltas)
+    n = len(deltas)
+    fishers = list(g.fishers) if p.needs_fisher() and g.fishers else [None] * n
+    boosts = unique_boost(g, p) if p.rescale == "ram_plus" else []
+    if p.density >= 1.0:
+        # every step is per entry (the norm and dare rescales are the identity): computed in cache-sized blocks
+        given = [i for i, f in enumerate(fishers) if f is not None]
+
+        def block(ts: list[torch.Tensor]) -> torch.Tensor:
+            fs: list[torch.Tensor | None] = [None] * n
+            for j, i in enumerate(given):
+                fs[i] = ts[1 + n + j]
+            return _finish(p, ts[0], ts[1 : 1 + n], *_resolve(p, ts[1 : 1 + n], fs), boosts)
+
+        return blockwise(block, [g.base, *deltas, *(fishers[i] for i in given)])
+    merged, movers, unique, support = _resolve(p, deltas, fishers)
+    norm_before = torch.linalg.vector_norm(merged)
+    k = int(p.density * int(torch.count_nonzero(support)))
+    merged = merged * topk_mask(merged, k, within=support)
+    if p.rescale == "norm":
+        norm_after = torch.linalg.vector_norm(merged)
+        if norm_after > 0:
+            merged = merged * (norm_before / norm_after)
+    elif p.rescale == "dare":
+        merged = merged / p.density
+    return _finish(p, g.base, deltas, merged, movers, unique, support, boosts)
+
+
+def _resolve(p: SarParams, deltas: list[torch.Tensor], fishers: list[torch.Tensor | None]
+             ) -> tuple[torch.Tensor, list[torch.Tensor], torch.Tensor, torch.Tensor]:
+    """Steps 1-4, per entry: (τ_m, movers M_t, unique U, support c ≥ 1)."""
     # Per-model running reductions throughout: reductions over a stacked model axis (argmax, sum) are pathologically
     # slow on CPU and cost N extra tensors of memory.
-    deltas = [w * d for w, d in zip(g.weights, g.deltas, strict=True)]
     movers, count = supports(deltas, p.epsilon)
     unique, overlap, support = count == 1, count >= 2, count >= 1
 
-    merged = torch.zeros_like(deltas[0])
+    # the movers' sum: on U it is the one mover's update exactly (the others add +0)
+    moved = torch.zeros_like(deltas[0])
     for d, m in zip(deltas, movers, strict=True):
-        merged += torch.where(m & unique, d, 0.0)
+        moved += torch.where(m, d, 0.0)
+    merged = torch.where(unique, moved, 0.0)
     if bool(overlap.any()):
         zeros = torch.zeros_like(deltas[0])
-        fishers = [(f if f is not None else zeros) for f in g.fishers] if p.needs_fisher() else [None] * len(deltas)
-        # hard: the update of the most sensitive mover (first one on ties, like argmax)
+        fishers = [(f if f is not None else zeros) for f in fishers] if p.needs_fisher() else fishers
+        # hard: the update of the most sensitive mover (first one on ties, like argmax); sensitivities are ≥ 0
         best_s = torch.full_like(deltas[0], -1.0)
         hard = torch.zeros_like(deltas[0])
         for d, m, f in zip(deltas, movers, fishers, strict=True):
             s = torch.where(m, _sensitivity(p, d, f), -1.0)
             better = s > best_s
-            best_s = torch.where(better, s, best_s)
-            hard = torch.where(better, d, hard)
+            torch.maximum(best_s, s, out=best_s)
+            torch.where(better, d, hard, out=hard)
         arbitrated = hard
         if p.arbitration != "hard":
-            num, den, plain = torch.zeros_like(hard), torch.zeros_like(hard), torch.zeros_like(hard)
+            num, den = torch.zeros_like(hard), torch.zeros_like(hard)
             pos, neg = torch.zeros_like(overlap), torch.zeros_like(overlap)
             for d, m, f in zip(deltas, movers, fishers, strict=True):
                 fm = torch.where(m, f, 0.0)
                 num += fm * d
                 den += fm
-                plain += torch.where(m, d, 0.0)
                 pos |= m & (d > 0)
                 neg |= m & (d < 0)
-            plain /= count.clamp(min=1)
+            plain = moved / count.clamp(min=1)
             # Where every mover has zero Fisher there is no evidence either way: the movers' mean.
             avg = torch.where(den > 0, num / torch.where(den > 0, den, 1.0), plain)
             arbitrated = avg if p.arbitration == "fisher_avg" else torch.where(pos & neg, hard, avg)
         merged = torch.where(overlap, arbitrated, merged)
+    return merged, movers, unique, support
 
-    norm_before = torch.linalg.vector_norm(merged)
-    if p.density < 1.0:
-        k = int(p.density * int(torch.count_nonzero(support)))
-        merged = merged * topk_mask(merged, k, within=support)
-    if p.rescale == "norm":
-        norm_after = torch.linalg.vector_norm(merged)
-        if norm_after > 0:
-            merged = merged * (norm_before / norm_after)
-    elif p.rescale == "dare" and p.density < 1.0:
-        merged = merged / p.density
-    elif p.rescale == "ram_plus":
-        for m, boost in zip(movers, unique_boost(g, p), strict=True):
-            merged = torch.where(m & unique, merged * boost, merged)
 
+def _finish(p: SarParams, base: torch.Tensor, deltas: list[torch.Tensor], merged: torch.Tensor,
+            movers: list[torch.Tensor], unique: torch.Tensor, support: torch.Tensor, boosts: list[float]
+            ) -> torch.Tensor:
+    """Step 6's RAM+ boost and step 7, with the sub-ε drift's plain mean."""
+    if boosts:
+        factor = torch.ones_like(merged)  # boost_t on model t's unique entries (one mover there), 1 elsewhere
+        for m, boost in zip(movers, boosts, strict=True):
+            factor.masked_fill_(m & unique, boost)
+        merged = merged * factor
     drift = torch.zeros_like(merged)
     for d in deltas:
-        drift += torch.where(support, 0.0, d)
-    return g.base + p.lambda_ * merged + drift / len(deltas)
+        drift += d
+    return base + p.lambda_ * merged + torch.where(support, 0.0, drift) / len(deltas)
