@@ -118,15 +118,17 @@ class TestAgainstReference:
     def test_ram(self, shape, dtype):
         base, models = family(shape, dtype=dtype)
         torch.testing.assert_close(run("ram", group(base, models)), ref_ram(base, models, 1e-5))
-        w = [1.0, 0.5, 2.0]  # weighted τ_t enter the support test and the average
-        torch.testing.assert_close(run("ram", group(base, models, w)), ref_ram(base, models, 1e-5, weights=w))
+        if dtype == torch.float32:  # weighted τ_t enter the support test and the average (dtype-independent)
+            w = [1.0, 0.5, 2.0]
+            torch.testing.assert_close(run("ram", group(base, models, w)), ref_ram(base, models, 1e-5, weights=w))
 
     def test_ram_plus(self, shape, dtype):
         base, models = family(shape, dtype=dtype)
         torch.testing.assert_close(run("ram_plus", group(base, models), r=1.7), ref_ram(base, models, 1e-5, 1.7))
-        w = [2.0, 1.0, 0.25]
-        torch.testing.assert_close(run("ram_plus", group(base, models, w), r=1.7),
-                                   ref_ram(base, models, 1e-5, 1.7, weights=w))
+        if dtype == torch.float32:
+            w = [2.0, 1.0, 0.25]
+            torch.testing.assert_close(run("ram_plus", group(base, models, w), r=1.7),
+                                       ref_ram(base, models, 1e-5, 1.7, weights=w))
 
     def test_fisher(self, shape, dtype):
         _, models = family(shape, dtype=dtype)
