@@ -137,6 +137,50 @@ def test_candidate_cannot_read_the_tests(box: Sandbox) -> None:
     assert v.passed, f"the candidate found the trusted test text: {v.detail}"
 
 
+INIT_PROBE = """
+import ctypes, os, signal
+libc = ctypes.CDLL(None, use_errno=True)
+def reached():
+    got = []
+    pidfd = libc.syscall(434, 1, 0)  # pidfd_open(1, 0): allowed (a pid is not a secret)
+    for n in range(16):
+        if pidfd >= 0 and libc.syscall(438, pidfd, n, 0) >= 0:  # pidfd_getfd: needs ptrace rights over pid 1
+            got.append("pidfd_getfd %d" % n)
+        try:
+            os.close(os.open("/proc/1/fd/%d" % n, os.O_WRONLY | os.O_NONBLOCK))
+            got.append("/proc/1/fd/%d" % n)
+        except OSError:
+            pass
+    if libc.ptrace(16, 1, None, None) == 0:  # PTRACE_ATTACH
+        got.append("ptrace")
+    for path in ("/proc/1/mem", "/proc/1/environ"):
+        try:
+            os.close(os.open(path, os.O_RDONLY))
+            got.append(path)
+        except OSError:
+            pass
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1, signal.SIGKILL):
+        os.kill(1, sig)  # from inside its namespace: ignored by an init without handlers
+    return got
+"""
+FORGE_THROUGH_INIT = (  # hostile review, 2026-12-02: bwrap's own init used to hold the host's stderr file and the
+    # eventfd bwrap turns into its exit status; this wrote a fake setup error and chose the exit code
+    "import ctypes, os, struct\nlibc = ctypes.CDLL(None, use_errno=True)\npidfd = libc.syscall(434, 1, 0)\n"
+    "for n, data in ((2, b'sarmerge sandbox setup: EVIL-TEXT\\n'), (5, struct.pack('Q', 122))):\n"
+    "    fd = libc.syscall(438, pidfd, n, 0)\n    if fd >= 0:\n        os.write(fd, data)\n"
+    + SIGNATURE + WRONG)
+
+
+def test_the_sandbox_init_is_out_of_reach(box: Sandbox, humaneval_0: object) -> None:
+    """pid 1 of the sandbox is sarmerge's boot: not dumpable, no fds, no handlers, with the sample's limits."""
+    if box.isolation.mode != "bwrap":
+        pytest.skip(f"no pid namespace in mode {box.isolation.mode}")
+    v = run_code_job(box, CodeJob(INIT_PROBE, {"kind": "mbpp", "setup": "", "tests": ["assert reached() == []"]}))
+    assert v.passed, f"the candidate reached the sandbox's init: {v.detail}"
+    forged = _verdict(box, humaneval_0, FORGE_THROUGH_INIT, allow=True)
+    assert not forged.correct and "EVIL" not in forged.detail and "sandbox_error" not in forged.detail, forged.detail
+
+
 def test_raises_style_tests_still_work(box: Sandbox) -> None:
     candidate = "def f(x):\n    if x < 0:\n        raise ValueError('negative')\n    return x\n"
     tests = ["assert f(2) == 2",

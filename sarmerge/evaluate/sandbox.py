@@ -312,7 +312,8 @@ class Sandbox:
                          BIND_SCRIPT, "sh", str(len(pairs) // 2), *pairs]
             stage += [self._setpriv or "setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups",
                       "--inh-caps=-all", "--bounding-set=-all", "--"]
-        cmd = [*stage, self._bwrap or "bwrap", "--unshare-all", "--die-with-parent", "--new-session",
+        # --as-pid-1: the boot is the namespace's init (see _sandbox_boot.py), not bwrap's dumpable reaper
+        cmd = [*stage, self._bwrap or "bwrap", "--unshare-all", "--as-pid-1", "--die-with-parent", "--new-session",
                "--cap-drop", "ALL", "--hostname", "sandbox", "--ro-bind", "/usr", "/usr"]
         for top in ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32"):
             if os.path.islink(top):
@@ -387,7 +388,7 @@ class Sandbox:
             cfg = {"python": python, "argv": [python, "-I", "-B", *argv(files_path)], "env": env, "cwd": scratch,
                    "limits": {"cpu_seconds": limits.cpu_seconds, "memory_bytes": limits.memory_bytes,
                               "file_size_bytes": limits.file_size_bytes, "nproc": nproc,
-                              "open_files": limits.open_files}}
+                              "open_files": limits.open_files}, "init": boxed}
             boot = [self._python, "-I", "-S", "-B", files_path + "/_sandbox_boot.py", json.dumps(cfg)]
             shutil.copyfile(BOOT, files_dir / "_sandbox_boot.py")
             os.chmod(files_dir / "_sandbox_boot.py", 0o644)
