@@ -36,6 +36,48 @@ def test_extraction_rules_in_order(text: str, answer: str | None, method: str) -
     assert (got.answer, got.method) == (answer, method)
 
 
+def _scan_boxed(text: str) -> str | None:
+    """The plain definition: from each \\boxed{, count braces forward; the last one that closes."""
+    import re
+
+    last = None
+    for m in re.finditer(r"\\(?:boxed|fbox)\s*\{", text):
+        depth, i = 1, m.end()
+        while i < len(text) and depth:
+            depth += {"{": 1, "}": -1}.get(text[i], 0)
+            i += 1
+        if depth == 0:
+            last = text[m.end(): i - 1]
+    return last
+
+
+def test_last_boxed_is_the_forward_scan_on_random_brace_soup() -> None:
+    from sarmerge.evaluate.answers import _last_boxed
+
+    rng = random.Random(5)
+    pieces = ["\\boxed{", "\\fbox {", "{", "}", "x", "1", " ", "\n"]
+    for _ in range(3000):
+        text = "".join(rng.choice(pieces) for _ in range(rng.randrange(1, 30)))
+        assert _last_boxed(text) == _scan_boxed(text), text
+
+
+@pytest.mark.parametrize("name", ["blank_run_after_phrase", "many_unclosed_boxes"])
+def test_hostile_long_completions_are_extracted_in_linear_time(name: str) -> None:
+    """Host-side extraction runs outside any sandbox limit: inputs that made it quadratic (hostile review,
+    2026-12-02: 13 s for 20 000 newlines) finish; 10x those sizes would take ~20 min if it regressed, so a 120 s cap
+    on a subprocess separates the two without timing anything finely."""
+    import subprocess
+    import sys
+
+    program = {
+        "blank_run_after_phrase": "from sarmerge.evaluate.answers import extract_answer as f\n"
+                                  "t = 'the answer is' + '\\n' * 200_000\nassert f(t).method == 'none'",
+        "many_unclosed_boxes": "from sarmerge.evaluate.answers import extract_answer as f\n"
+                               "t = '\\\\boxed{' * 30_000 + ' 7'\nassert f(t).answer == '7'",
+    }[name]
+    subprocess.run([sys.executable, "-c", program], check=True, timeout=120)
+
+
 @pytest.mark.parametrize(("gold", "predicted"), [
     ("0.5", "\\frac{1}{2}"),
     ("\\frac{3}{4}", "0.75"),
