@@ -158,3 +158,32 @@ def test_a_forgeable_task_without_grammar_is_refused_unless_opted_in(monkeypatch
         reasoning_gym_suite("composite")
     monkeypatch.setenv(ALLOW_EXECUTING_SCORERS_ENV, "1")
     assert reasoning_gym_suite("composite").name == "reasoning_gym:composite"
+
+
+# -- wrong answers the upstream scorers give full marks (hostile review, 2026-12-02) --------------------------------
+def _score(task: str, entry: dict, answer: str) -> float | None:
+    box = Sandbox()
+    return run_reasoning_gym_job(box, ScoreJob(task, 0, 2, 0, answer, pickle_entry(entry), entry["question"])).score
+
+
+def test_an_unevaluated_integral_restating_the_question_scores_nothing() -> None:
+    entry = next(e for e in reasoning_gym.create_dataset("intermediate_integration", seed=0, size=8)
+                 if "Integral" not in str(e["answer"]))
+    dataset = reasoning_gym.create_dataset("intermediate_integration", seed=0, size=8)
+    restated = f"Integral({entry['metadata']['integrand']}, {entry['metadata']['variable']})"
+    assert dataset.score_answer(restated, entry) == 1.0  # upstream: full marks (the premise of this test)
+    assert rg_audit.ANSWER_GRAMMARS["intermediate_integration"].rejects(restated) is None  # inside the grammar
+    assert _score("intermediate_integration", entry, restated) == 0.0
+    assert _score("intermediate_integration", entry, str(entry["answer"])) == 1.0  # the real antiderivative
+
+
+def test_puzzle24_needs_the_puzzles_numbers_and_exactly_24() -> None:
+    entry = next(e for e in reasoning_gym.create_dataset("puzzle24", seed=0, size=8)
+                 if sorted(e["metadata"]["numbers"]) != [1, 2, 3, 4])
+    dataset = reasoning_gym.create_dataset("puzzle24", seed=0, size=8)
+    assert dataset.score_answer("1*2*3*4", entry) == 1.0  # upstream: any four in-range numbers making 24
+    assert _score("puzzle24", entry, "1*2*3*4") == 0.0
+    truncated = {**entry, "metadata": {**entry["metadata"], "numbers": [5, 5, 5, 1]}}
+    assert dataset.score_answer("5*5-1/5", truncated) == 1.0  # upstream: int(24.8) == 24
+    assert _score("puzzle24", truncated, "5*5-1/5") == 0.0
+    assert _score("puzzle24", entry, str(entry["answer"])) == 1.0  # the gold answer still scores

@@ -18,6 +18,26 @@ import pickle
 import sys
 
 
+def stricter(task: str, answer: str | None, entry: dict, score: float) -> float:
+    """sarmerge's corrections where an upstream scorer gives full marks to a wrong answer (hostile review, 2026-12-02;
+    reasoning-gym 0.1.25): 0 where the answer does not solve the item."""
+    if score < 1.0 or answer is None:
+        return score
+    if task == "intermediate_integration" and "Integral" in answer:
+        return 0.0  # the scorer checks d/dx(answer) == integrand, which Integral(integrand, x) always passes
+    if task == "puzzle24":
+        import re
+
+        import sympy
+
+        # the scorer checks for four in-range numbers and int(value) == 24: not that they are the puzzle's
+        # numbers (1*2*3*4 won every item), nor that the value is 24 and not 24.8 truncated
+        used = sorted(int(n) for n in re.findall(r"[0-9]+", answer))
+        if used != sorted(entry["metadata"]["numbers"]) or sympy.parse_expr(answer) != 24:
+            return 0.0
+    return score
+
+
 def main() -> None:
     report = os.fdopen(int(os.environ.pop("SARMERGE_REPORT_FD")), "w")
     job = json.loads(sys.stdin.read())
@@ -36,7 +56,7 @@ def main() -> None:
             if entry["question"] != job["question"]:
                 raise LookupError("regenerated entry differs from the one the model saw")
         score = dataset.score_answer(job["answer"], entry)
-        out["score"] = float(score)
+        out["score"] = stricter(job["task"], job["answer"], entry, float(score))
     except BaseException as e:  # a scorer crash on garbage output is a wrong answer
         out["error"] = type(e).__name__
     report.write(json.dumps(out) + "\n")
