@@ -69,7 +69,7 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--tasks", default=None,
                    help="comma-separated tasks, one domain each (default math_nl,code_minmax_nl)")
     g.add_argument("--seeds-per-task", type=int, default=None, help="specialists per task (default 2)")
-    g.add_argument("--steps", type=int, default=None, help="GRPO steps per specialist (default 20)")
+    g.add_argument("--steps", type=int, default=None, help="GRPO steps per specialist (default 40)")
     g.add_argument("--lr", type=float, default=None, help="AdamW learning rate, constant (default 2e-5)")
     g.add_argument("--prompts", type=int, default=None, help="problems per GRPO step (default 4)")
     g.add_argument("--group", type=int, default=None, help="completions per problem (default 4)")

@@ -24,7 +24,8 @@ Tasks:
   (measured: mean reward 0.07 per step, gains of -1 and -3.5 points).
 - `code_minmax_nl`: what `print(max(...))` or `print(min(...))` shows for 2-5 integers 0..30, the final integer of the
   reply scored. The base gets 25 % of 200 test problems (max 30 %, min 20 %; it mostly names a wrong list element);
-  20 GRPO steps at lr 2e-5 gained +1.0 (not significant) and +7.5 points (p = 0.003) for the two seeds.
+  20 GRPO steps at lr 2e-5 gained +1.0 (not significant) and +7.5 points (p = 0.003) for the two seeds; 40 steps
+  (the family default) +19.5 and +12.5 (p < 1e-5).
 - `code_minmax2_nl`: the same for two distinct integers 0..50. The base gets 51 %, so about half of each GRPO group
   disagrees; one 20-step trial at lr 2e-5 gained +11 points (p = 6e-5, 200 test problems), but the two seeds of
   a `zoo smollm2-grpo` family gained only +2.5 and +2.0 (not significant): at 20 steps the gain depends on the seed.
