@@ -4,6 +4,8 @@ its score on the raw sandbox path), and the host-side answer grammars that keep 
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
 pytest.importorskip("reasoning_gym")
@@ -161,9 +163,13 @@ def test_a_forgeable_task_without_grammar_is_refused_unless_opted_in(monkeypatch
 
 
 # -- wrong answers the upstream scorers give full marks (hostile review, 2026-12-02) --------------------------------
+@functools.cache
+def _box() -> Sandbox:
+    return Sandbox()  # one probed sandbox for these tests (probing costs seconds)
+
+
 def _score(task: str, entry: dict, answer: str) -> float | None:
-    box = Sandbox()
-    return run_reasoning_gym_job(box, ScoreJob(task, 0, 2, 0, answer, pickle_entry(entry), entry["question"])).score
+    return run_reasoning_gym_job(_box(), ScoreJob(task, 0, 2, 0, answer, pickle_entry(entry), entry["question"])).score
 
 
 def test_an_unevaluated_integral_restating_the_question_scores_nothing() -> None:
