@@ -66,8 +66,9 @@ def main() -> None:
 def reap(child: int) -> None:
     """pid 1's loop: hold nothing, wait for every process, exit with the program's status when it ends (the kernel
     then kills whatever it left behind in the namespace)."""
-    signal.signal(signal.SIGINT, signal.SIG_DFL)  # Python's SIGINT handler would let the program end pid 1 early;
-    # with default dispositions pid 1 ignores every signal sent from inside its namespace
+    # Python's own SIGINT handler would let the program end pid 1 early; with default dispositions pid 1 ignores
+    # every signal sent from inside its namespace
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
@@ -77,8 +78,6 @@ def reap(child: int) -> None:
             pid, status = os.wait()
         except ChildProcessError:
             os._exit(126)
-        except InterruptedError:
-            continue
         if pid == child:
             code = os.waitstatus_to_exitcode(status)
             os._exit(code if code >= 0 else 128 - code)
