@@ -408,7 +408,8 @@ def test_smollm2_trl_grpo_family_two_steps(smollm2_dir: Path, tmp_path: Path) ->
     # code_mcq_nl rather than the default code_int_nl: at 2 steps × 8 completions code_int_nl's rare reward often
     # gives every group the same score, i.e. no advantage and (rightly) no update, while the options always vary
     cfg = SmolGRPOFamilyConfig(tasks=("math_nl", "code_mcq_nl"), seeds_per_task=1, test_problems=6,
-                               calibration_examples=4, grpo=TRLGRPOSettings(steps=2, prompts=2, group=4, lr=5e-6))
+                               calibration_examples=4, grpo=TRLGRPOSettings(steps=2, prompts=2, group=4, lr=5e-6),
+                               workers=2)
     family = build_smollm2_grpo_family(tmp_path / "smol", cache_dir=False, config=cfg, progress=False)
     assert family["trainer"]["name"] == "trl.GRPOTrainer"
     assert [m["name"] for m in family["members"]] == ["math_nl_s0", "code_mcq_nl_s0"]
@@ -423,6 +424,12 @@ def test_smollm2_trl_grpo_family_two_steps(smollm2_dir: Path, tmp_path: Path) ->
     assert family["cpu_s"]["total"] > 0 and family["timings_s"]["total"] > 0
     scores = json.loads((tmp_path / "smol" / "scores.json").read_text())
     assert len(scores["scores"]["base"]["math_nl"]) == 6 and set(scores["scores"]["math_nl_s0"]) == {"math_nl"}
+    # two worker processes give the same bits as the serial loop (here: math_nl_s0 built alone, in this process)
+    serial = build_smollm2_grpo_family(tmp_path / "serial", cache_dir=False, progress=False,
+                                       config=dataclasses.replace(cfg, tasks=("math_nl",), workers=1))
+    assert serial["members"][0]["own_task_test"] == family["members"][0]["own_task_test"]
+    assert (tmp_path / "serial" / "math_nl_s0" / "model.safetensors").read_bytes() == \
+        (tmp_path / "smol" / "math_nl_s0" / "model.safetensors").read_bytes()
 
 
 def test_paired_gain_counts_and_exact_mcnemar() -> None:

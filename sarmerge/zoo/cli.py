@@ -76,7 +76,9 @@ def add_command(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--test-problems", type=int, default=None,
                    help="held-out problems per task for the paired gain tests (default 200)")
     g.add_argument("--device", default="cpu", help="cpu | cuda | cuda:N")
-    g.add_argument("--threads", type=int, default=None, help="torch CPU threads (default 1)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads per specialist (default 1)")
+    g.add_argument("--workers", type=int, default=None,
+                   help="specialists trained at once, one process each (default 1; the same bits for any value)")
     _add_cache_args(g)
     g.set_defaults(func=_smollm2_grpo)
 
@@ -162,6 +164,8 @@ def _smollm2_grpo(args: argparse.Namespace) -> int:
     cfg = smollm2.SmolGRPOFamilyConfig(device=args.device)
     if args.tasks is not None:
         cfg.tasks = tuple(x for x in args.tasks.split(",") if x)
+    if args.workers is not None:
+        cfg.workers = args.workers
     _apply_overrides(cfg, args)
     family = smollm2.build_smollm2_grpo_family(args.out, args.seed, cache_dir=_cache(args), overwrite=args.overwrite,
                                                progress=not args.no_progress, config=cfg)

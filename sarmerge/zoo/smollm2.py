@@ -20,11 +20,14 @@ import hashlib
 import importlib.util
 import json
 import logging
+import multiprocessing
 import os
 import platform
+import resource
 import shutil
 import time
 from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -396,10 +399,12 @@ class SmolGRPOFamilyConfig:
     calibration_examples: int = 32
     device: str = "cpu"
     threads: int = 1
+    workers: int = 1  # specialists trained at once, one process each (`threads` apiece): the same bits for any value
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d.pop("device")
+        d.pop("workers")
         return d
 
 
@@ -433,8 +438,6 @@ class _Clock:
 
 
 def _build_trl(out: Path, cfg: SmolGRPOFamilyConfig, source: Path, key: str, progress: bool) -> dict[str, Any]:
-    import tempfile
-
     import trl
 
     clock = _Clock()
@@ -445,45 +448,47 @@ def _build_trl(out: Path, cfg: SmolGRPOFamilyConfig, source: Path, key: str, pro
     _round_to_bf16(model)  # every specialist starts from the bf16 base checkpoint
     _save_hf_bf16(model, tok, out / "base")
     model.to(cfg.device)
-    base_state = _bf16_state(model)
     scores: dict[str, dict[str, list[float]]] = {}
     with clock.stage("eval_base"):
         scores["base"] = {t.name: problem_scores(model, tok, t, test_sets[t.name]) for t in tasks}
     base_acc = {n: round(sum(s) / len(s), 4) for n, s in scores["base"].items()}
     log.info("smollm2 base: %s", base_acc)
+    architecture, parameters = type(model).__name__, sum(p.numel() for p in model.parameters())
+    del model
 
+    # seed-major order: every domain's first specialist comes first
+    jobs = [(task.name, k) for k in range(cfg.seeds_per_task) for task in tasks]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if cfg.workers > 1:
+        # one process per specialist, cfg.threads torch threads each: the same bits as the serial loop, since each
+        # job starts from the saved base with its own seed (spawn: a forked torch/OpenMP runtime can deadlock)
+        with ProcessPoolExecutor(min(cfg.workers, len(jobs)), mp_context=multiprocessing.get_context("spawn")) as pool:
+            futures = [pool.submit(_specialist_job, out, cfg, name, k, progress) for name, k in jobs]
+            results = [f.result() for f in futures]
+    else:
+        results = [_specialist_job(out, cfg, name, k, progress) for name, k in jobs]
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    workers_cpu = (after.ru_utime + after.ru_stime) - (before.ru_utime + before.ru_stime)
     members = []
-    # seed-major order: a run stopped early still has every domain's first specialist
-    for k in range(cfg.seeds_per_task):
-        for task in tasks:
-            name = f"{task.name}_s{k}"
-            seed = _specialist_seed(cfg.seed, task.name, k)
-            child = copy.deepcopy(model)
-            with clock.stage(f"grpo_{name}"), tempfile.TemporaryDirectory(prefix="sarmerge-trl-") as tmp:
-                history = run_trl_grpo(child, tok, task, cfg.grpo, seed=seed, output_dir=tmp, device=cfg.device,
-                                       progress=progress)
-            _round_to_bf16(child)
-            unchanged = unchanged_fraction(base_state, _bf16_state(child))
-            _save_hf_bf16(child, tok, out / name)
-            with clock.stage(f"eval_{name}"):
-                # own task always (the paired gain test); the others only with cross_eval (a CPU costs minutes each)
-                scores[name] = {t.name: problem_scores(child, tok, t, test_sets[t.name]) for t in tasks
-                                if cfg.cross_eval or t.name == task.name}
-            acc = {n: round(sum(s) / len(s), 4) for n, s in scores[name].items()}
-            own = paired_gain(scores["base"][task.name], scores[name][task.name])
-            log.info("%s: %s (own-task gain %+.3f, 95%% CI %s, McNemar p %.3g)", name, acc, own["gain"],
-                     own["ci95"], own["mcnemar_p"])
-            rewards = [h["reward"] for h in history]
-            members.append({
-                "name": name, "path": name, "domain": task.domain, "task": task.name, "seed": k, "grpo_seed": seed,
-                "base": "base", "accuracy_before": base_acc, "accuracy_after": acc,
-                "gain": round(acc[task.name] - base_acc[task.name], 4), "own_task_test": own,
-                "unchanged_fraction": round(unchanged, 4),
-                "reward_first_last": [round(rewards[0], 4), round(rewards[-1], 4)] if rewards else [],
-                "mean_reward": round(sum(rewards) / len(rewards), 4) if rewards else None,
-                "reward_curve": [round(r, 4) for r in rewards],
-            })
-            del child
+    for (task_name, k), job in zip(jobs, results, strict=True):
+        task, name = get_task(task_name), job["name"]
+        clock.wall.update(job["wall"])
+        clock.cpu.update(job["cpu"])
+        scores[name] = job["scores"]
+        acc = {n: round(sum(s) / len(s), 4) for n, s in job["scores"].items()}
+        own = paired_gain(scores["base"][task.name], job["scores"][task.name])
+        log.info("%s: %s (own-task gain %+.3f, 95%% CI %s, McNemar p %.3g)", name, acc, own["gain"],
+                 own["ci95"], own["mcnemar_p"])
+        rewards = [h["reward"] for h in job["history"]]
+        members.append({
+            "name": name, "path": name, "domain": task.domain, "task": task.name, "seed": k, "grpo_seed": job["seed"],
+            "base": "base", "accuracy_before": base_acc, "accuracy_after": acc,
+            "gain": round(acc[task.name] - base_acc[task.name], 4), "own_task_test": own,
+            "unchanged_fraction": round(job["unchanged"], 4),
+            "reward_first_last": [round(rewards[0], 4), round(rewards[-1], 4)] if rewards else [],
+            "mean_reward": round(sum(rewards) / len(rewards), 4) if rewards else None,
+            "reward_curve": [round(r, 4) for r in rewards],
+        })
     calibration = {}
     for task in tasks:
         path = out / f"calib_{task.domain}.jsonl"
@@ -496,11 +501,11 @@ def _build_trl(out: Path, cfg: SmolGRPOFamilyConfig, source: Path, key: str, pro
          "scores": {m: {t: "".join(str(int(v)) for v in s) for t, s in by.items()} for m, by in scores.items()}},
         indent=1) + "\n")
     clock.wall["total"] = round(time.perf_counter() - t_wall, 2)
-    clock.cpu["total"] = round(time.process_time() - t_cpu, 2)
+    clock.cpu["total"] = round(time.process_time() - t_cpu + workers_cpu, 2)
     family = {
         "format": FORMAT, "trainer": {"name": TRL_FORMAT_TRAINER, "trl": trl.__version__}, "seed": cfg.seed,
         "key": key,
-        "model": {"architecture": type(model).__name__, "parameters": sum(p.numel() for p in model.parameters()),
+        "model": {"architecture": architecture, "parameters": parameters,
                   "dtype": "bfloat16", "source": json.loads((source / "sarmerge_source.json").read_text())},
         "tasks": {t.name: {"domain": t.domain, "description": t.description, "test_problems": cfg.test_problems,
                            "test_seed": cfg.seed} for t in tasks},
@@ -511,11 +516,38 @@ def _build_trl(out: Path, cfg: SmolGRPOFamilyConfig, source: Path, key: str, pro
         "timings_s": clock.wall,
         "cpu_s": clock.cpu,
         "machine": {"platform": platform.platform(), "device": cfg.device, "torch_threads": cfg.threads,
-                    "cpu_count": os.cpu_count(), "torch": torch.__version__,
+                    "workers": cfg.workers, "cpu_count": os.cpu_count(), "torch": torch.__version__,
                     "load_average_at_end": list(os.getloadavg())},
     }
     (out / "family.json").write_text(json.dumps(family, indent=2) + "\n")
     return family
+
+
+def _specialist_job(out: Path, cfg: SmolGRPOFamilyConfig, task_name: str, k: int, progress: bool) -> dict[str, Any]:
+    """Train one specialist with TRL from the family's saved bf16 base, save it in bf16 and score it (in this
+    process or a worker's)."""
+    import tempfile
+
+    task, name = get_task(task_name), f"{task_name}_s{k}"
+    seed = _specialist_seed(cfg.seed, task.name, k)
+    test_sets = {t: get_task(t).generate(cfg.test_problems, seed=cfg.seed, split="test") for t in cfg.tasks}
+    clock = _Clock()
+    with _torch_settings(cfg.threads):
+        model, tok = load_smollm2(out / "base")
+        model.to(cfg.device)
+        base_state = _bf16_state(model)
+        with clock.stage(f"grpo_{name}"), tempfile.TemporaryDirectory(prefix="sarmerge-trl-") as tmp:
+            history = run_trl_grpo(model, tok, task, cfg.grpo, seed=seed, output_dir=tmp, device=cfg.device,
+                                   progress=progress)
+        _round_to_bf16(model)
+        unchanged = unchanged_fraction(base_state, _bf16_state(model))
+        _save_hf_bf16(model, tok, out / name)
+        with clock.stage(f"eval_{name}"):
+            # own task always (the paired gain test); the others only with cross_eval (a CPU costs minutes each)
+            scores = {t: problem_scores(model, tok, get_task(t), ps) for t, ps in test_sets.items()
+                      if cfg.cross_eval or t == task.name}
+    return {"name": name, "seed": seed, "history": history, "unchanged": unchanged, "scores": scores,
+            "wall": clock.wall, "cpu": clock.cpu}
 
 
 def build_smollm2_grpo_family(out: str | Path | None = None, seed: int = 0, *,
@@ -527,9 +559,9 @@ def build_smollm2_grpo_family(out: str | Path | None = None, seed: int = 0, *,
     for t in cfg.tasks:
         get_task(t)
     cfg.grpo.validate()
-    if cfg.seeds_per_task < 1 or cfg.test_problems < 1:
-        raise SarmergeError(f"smollm2-grpo family: seeds_per_task={cfg.seeds_per_task} and "
-                            f"test_problems={cfg.test_problems} must be >= 1")
+    for name in ("seeds_per_task", "test_problems", "workers"):
+        if getattr(cfg, name) < 1:
+            raise SarmergeError(f"smollm2-grpo family: {name}={getattr(cfg, name)} must be >= 1")
     if cfg.device.startswith("cuda") and not torch.cuda.is_available():
         raise SarmergeError(f"device {cfg.device!r}: CUDA is not available here")
     try:
