@@ -9,7 +9,7 @@ Compared on the first --test-n of the family's own 200 held-out test problems pe
 gain tests used, so the base and parents are not re-scored): every standard method at its code defaults; SAR's
 Fisher ablation (sampled = the default, empirical, a Fisher from random-token prompts with no calibration data,
 Fisher-free `delta2`); SAR with SPEC §4.6's `rescale: norm` (the default before the tiny family's sweep chose
-`ram_plus`); and task arithmetic's, TIES's and SAR's λ tuned on validation problems when that beats the default
+`ram_plus`); and every scaled method's λ (and SAR's rescale) tuned on validation problems when that beats the default
 there. Intervals are paired over family seeds and problems: 95 % normal intervals of the per-problem difference
 (pooled over both pairs/domains of a setting), with the exact McNemar test. Writes
 docs/experiments/smollm2_results.json, docs/experiments/smollm2_methods.png and the block between
@@ -43,10 +43,14 @@ BEGIN, END = "<!-- realistic:begin -->", "<!-- realistic:end -->"
 DEFAULT_METHODS = ["linear", "task_arithmetic", "ties", "dare_ties", "ram", "ram_plus", "sar"]
 # validation grids: each method's main knob around its default (the default is always a candidate)
 TUNE_GRIDS: dict[str, list[dict[str, Any]]] = {
-    # sized for a 2-core CPU (each candidate is 4 merges scored on validation): the scaled methods' λ
+    # sized for a 2-core CPU (each candidate is 4 merges scored on validation): every scaled method's λ, and SAR's
+    # rescale against SPEC §4.6's start (its defaults are re-decided here, on validation, never on test)
     "task_arithmetic": [{"lambda": 0.5}, {"lambda": 1.5}],
     "ties": [{"lambda": 1.5}],
-    "sar": [{"lambda": 1.5}],
+    "dare_ties": [{"lambda": 1.5}],
+    "ram": [{"lambda": 1.5}],
+    "ram_plus": [{"lambda": 1.5}],
+    "sar": [{"lambda": 1.5}, {"rescale": "norm"}],
 }
 VARIANTS: list[tuple[str, str, dict[str, Any], str | None]] = [
     # label, method, parameters, Fisher variant (None: the method reads no Fisher)
@@ -296,9 +300,11 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
         means = {lab: _val_mean(run, lab, args.val_n) for lab, _ in cands}
         best_label, best_params = max(cands, key=lambda c: (means[c[0]], c[0] == m))  # ties keep the default
         tuned[m] = {"params": best_params, "val_means": means, "chosen": best_label}
-    tuned_configs = [(f"{m} tuned {json.dumps(t['params'], sort_keys=True)}", m, t["params"], "sampled")
-                     for m, t in tuned.items() if t["params"]]
     variants = [v for v in VARIANTS if "sar" in args.methods]
+    # a tuned pick that is already a variant (SAR with rescale norm) is scored once, under the variant's label
+    tuned_configs = [(f"{m} tuned {json.dumps(t['params'], sort_keys=True)}", m, t["params"], "sampled")
+                     for m, t in tuned.items()
+                     if t["params"] and not any((v[1], v[2]) == (m, t["params"]) for v in variants)]
     configs = [*defaults, *variants, *tuned_configs]
     t1 = time.perf_counter()
     run.run(configs, "test", test_n, args.progress)
