@@ -173,8 +173,9 @@ def _smollm2_grpo(args: argparse.Namespace) -> int:
     print(f"  own-task gains, paired on {cfg.test_problems} held-out problems (95 % CI, exact McNemar p):")
     for m in family["members"]:
         t = m["own_task_test"]
+        p = f"p={t['mcnemar_p']:.3g}" if t["mcnemar_p"] else "p<1e-6"  # paired_gain rounds p to 6 decimals
         print(f"  {m['name']:<12} {t['gain']:+.3f} [{t['ci95'][0]:+.3f}, {t['ci95'][1]:+.3f}] "
-              f"p={t['mcnemar_p']:.3g} ({t['gained']} gained, {t['lost']} lost)")
+              f"{p} ({t['gained']} gained, {t['lost']} lost)")
     cpu = family["cpu_s"]["total"]
     print(f"  wall {family['timings_s']['total']:.0f}s, CPU {cpu:.0f}s")
     return 0
