@@ -254,4 +254,11 @@ def test_realistic_experiment_end_to_end_on_the_tiny_family(tiny_family, tmp_pat
     assert (tmp_path / "plots" / "smollm2_methods.png").stat().st_size > 10_000
     raw = (work / "raw.json").read_text()
     shutil.rmtree(work / "fisher")  # a rerun recomputes Fisher but no merge: every score is in raw.json
-    assert realistic.main(argv) == 0 and (work / "raw.json").read_text() == raw
+    earlier = tmp_path / "earlier.json"
+    results["rows"] = {k: v for k, v in results["rows"].items() if k != "task_arithmetic"}  # a label it lacked
+    earlier.write_text(json.dumps(results))
+    assert realistic.main([*argv, "--compare", str(earlier)]) == 0 and (work / "raw.json").read_text() == raw
+    table = doc.read_text().split("| merge | fusion mean, ")[-1]
+    sar_fusion = 100 * results["rows"]["sar · Fisher-free (delta2)"]["vs_sar"]["fusion"]["diff"]
+    assert f"{sar_fusion:+.1f} [" in table.split("| sar · Fisher-free (delta2) | ")[1].split("\n")[0]
+    assert "| task_arithmetic | " in table and "not run" in table.split("| task_arithmetic | ")[1].split("\n")[0]

@@ -2,7 +2,8 @@
 (`sarmerge zoo smollm2-grpo`: two tasks, by default math_nl and code_minmax_nl, two seeds each, bf16 checkpoints).
 One command:
 
-    .venv/bin/python -m bench.experiment.realistic --family DIR [--workers 2] [--test-n 100] [--val-n 40]
+    .venv/bin/python -m bench.experiment.realistic --family DIR [--workers 2] [--test-n 100] [--val-n 40] \
+        [--compare docs/experiments/smollm2_grpo20_results.json]
 
 Settings: fusion of the seed-0 pair and of the seed-1 pair (math + code), enhancement of each domain's two seeds.
 Compared on the first --test-n of the family's own 200 held-out test problems per task (the problems its paired
@@ -394,6 +395,34 @@ def render(results: dict[str, Any], tiny_summary: str) -> str:
     return "\n".join(lines)
 
 
+def compare_table(results: dict[str, Any], earlier: dict[str, Any]) -> str:
+    """Every merge of this run beside the same label in an earlier run's results (another family build)."""
+    def name(r: dict[str, Any]) -> str:
+        return f"{r['family']['grpo']['steps']}-step family `{r['family']['key']}`"
+
+    def vs(r: dict[str, Any] | None, label: str, regime: str) -> str:
+        v = r["rows"][label]["vs_sar"][regime] if r and label in r["rows"] else None
+        if v is None:
+            return "—" if r and label in r["rows"] else "not run"
+        return f"{100 * v['diff']:+.1f} {_ci(v['ci95'])}"
+
+    def mean(r: dict[str, Any], label: str, key: str) -> str:
+        return _pct(r["rows"][label][key]) if label in r["rows"] else "not run"
+
+    a, b = (f"{r['family']['grpo']['steps']} steps" for r in (results, earlier))
+    lines = [f"This family ({name(results)}) beside the {name(earlier)}: accuracy means in %, SAR − this in points "
+             "with its paired 95 % interval (\"not run\": that label was not part of that run).", "",
+             f"| merge | fusion mean, {a} / {b} | enhancement mean, {a} / {b} | SAR − this, fusion, {a} | {b} | "
+             f"SAR − this, enhancement, {a} | {b} |", "|---|---:|---:|---|---|---|---|"]
+    for label in [*results["rows"], *(k for k in earlier["rows"] if k not in results["rows"])]:
+        cur = results if label in results["rows"] else None
+        lines.append(f"| {label} | {mean(results, label, 'fusion_mean')} / {mean(earlier, label, 'fusion_mean')} | "
+                     f"{mean(results, label, 'enhance_mean')} / {mean(earlier, label, 'enhance_mean')} | "
+                     f"{vs(cur, label, 'fusion')} | {vs(earlier, label, 'fusion')} | {vs(cur, label, 'enhance')} | "
+                     f"{vs(earlier, label, 'enhance')} |")
+    return "\n".join(lines)
+
+
 def plot(results: dict[str, Any], path: Path) -> None:
     import matplotlib
 
@@ -446,6 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     p.add_argument("--experiments", type=Path, default=ROOT / "EXPERIMENTS.md")
     p.add_argument("--plots-dir", type=Path, default=ROOT / "docs" / "experiments")
+    p.add_argument("--compare", type=Path, default=None,
+                   help="an earlier run's smollm2_results.json (another family build) to tabulate beside this one")
     p.add_argument("--no-progress", dest="progress", action="store_false")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -459,6 +490,8 @@ def main(argv: list[str] | None = None) -> int:
         (args.plots_dir / "smollm2_results.json").write_text(json.dumps(results, indent=1) + "\n")
         plot(results, args.plots_dir / "smollm2_methods.png")
         text = render(results, tiny_side_by_side())
+        if args.compare is not None:
+            text += "\n\n" + compare_table(results, json.loads(args.compare.read_text()))
         replace_block(args.experiments, BEGIN, END, text)
         print(text)
 
