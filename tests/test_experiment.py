@@ -238,6 +238,11 @@ def test_realistic_experiment_end_to_end_on_the_tiny_family(tiny_family, tmp_pat
     results = json.loads((tmp_path / "plots" / "smollm2_results.json").read_text())
     assert set(results["settings"]) == {"fusion_s0", "fusion_s1", "enhance_math", "enhance_code"}
     labels = {"task_arithmetic", "sar", *(v[0] for v in realistic.VARIANTS)}
+    for method, t in results["tuning"].items():  # candidate − default on the same validation problems
+        assert set(t["val_vs_default"]) == set(t["val_means"]) - {method}
+        for label, d in t["val_vs_default"].items():
+            assert d["diff"] == pytest.approx(t["val_means"][label] - t["val_means"][method], abs=2e-4)
+            assert d["ci95"][0] <= d["diff"] <= d["ci95"][1]
     assert labels <= set(results["rows"])
     for label, row in results["rows"].items():
         assert set(row["settings"]["fusion_s0"]) == {"math", "code"}

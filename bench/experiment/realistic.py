@@ -298,9 +298,12 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
         if m not in args.methods:
             continue
         cands = [(m, {}), *((f"{m} {json.dumps(p, sort_keys=True)}", p) for p in ps)]
-        means = {lab: _val_mean(run, lab, args.val_n) for lab, _ in cands}
+        means = {lab: round(sum(u := _val_units(run, lab, args.val_n)) / len(u), 4) for lab, _ in cands}
         best_label, best_params = max(cands, key=lambda c: (means[c[0]], c[0] == m))  # ties keep the default
-        tuned[m] = {"params": best_params, "val_means": means, "chosen": best_label}
+        # how far each candidate is from the default on the same validation problems (is the pick noise?)
+        vs_default = {lab: paired(_val_units(run, lab, args.val_n), _val_units(run, m, args.val_n))
+                      for lab, _ in cands[1:]}
+        tuned[m] = {"params": best_params, "val_means": means, "val_vs_default": vs_default, "chosen": best_label}
     variants = [v for v in VARIANTS if "sar" in args.methods]
     # a tuned pick that is already a variant (SAR with rescale norm) is scored once, under the variant's label
     tuned_configs = [(f"{m} tuned {json.dumps(t['params'], sort_keys=True)}", m, t["params"], "sampled")
@@ -327,9 +330,8 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
-def _val_mean(run: Runner, label: str, n: int) -> float:
-    vals = [v for st in run.settings for s in run.scores(label, st, "val", n).values() for v in s]
-    return round(sum(vals) / len(vals), 4)
+def _val_units(run: Runner, label: str, n: int) -> list[int]:
+    return [v for st in run.settings for _, s in sorted(run.scores(label, st, "val", n).items()) for v in s]
 
 
 # -- the report -----------------------------------------------------------------------------------------------------
@@ -382,10 +384,14 @@ def render(results: dict[str, Any], tiny_summary: str) -> str:
               for k in ("fusion", "enhance")]
         lines.append(f"| {label} | " + " | ".join(cells) + f" | {_pct(r['fusion_mean'])} | "
                      f"{100 * r['fusion_retention']:+.1f} | {_pct(r['enhance_mean'])} | {vs[0]} | {vs[1]} |")
-    lines += ["", "Tuning on validation (mean accuracy over every setting's scored problems; ties keep the default):",
+    lines += ["", "Tuning on validation (mean accuracy over every setting's scored problems, and each candidate − the "
+              "default, paired, with its 95 % interval; ties keep the default):",
               ""]
     for m, t in results["tuning"].items():
-        means = ", ".join(f"{k.removeprefix(m).strip() or 'default'} {_pct(v)}" for k, v in t["val_means"].items())
+        vs = t.get("val_vs_default", {})
+        means = ", ".join(f"{k.removeprefix(m).strip() or 'default'} {_pct(v)}"
+                          + (f" ({100 * vs[k]['diff']:+.1f} {_ci(vs[k]['ci95'])} vs default)" if k in vs else "")
+                          for k, v in t["val_means"].items())
         lines.append(f"- {m}: {means} → {'default' if not t['params'] else json.dumps(t['params'])}")
     secs = results["seconds"]
     lines += ["", "![methods on the SmolLM2 family](docs/experiments/smollm2_methods.png)", "", tiny_summary,
