@@ -263,6 +263,11 @@ def test_realistic_experiment_end_to_end_on_the_tiny_family(tiny_family, tmp_pat
     results["rows"] = {k: v for k, v in results["rows"].items() if k != "task_arithmetic"}  # a label it lacked
     earlier.write_text(json.dumps(results))
     assert realistic.main([*argv, "--compare", str(earlier)]) == 0 and (work / "raw.json").read_text() == raw
+    again = json.loads((tmp_path / "plots" / "smollm2_results.json").read_text())
+    # a resume keeps the timings of what it did not redo and adds what it did (the deleted Fisher stores)
+    for phase in ("validation", "test"):
+        assert again["seconds"][phase] == results["seconds"][phase]
+    assert results["seconds"]["test"] > 0 and again["seconds"]["fisher"] > results["seconds"]["fisher"] > 0
     table = doc.read_text().split("| merge | fusion mean, ")[-1]
     sar_fusion = 100 * results["rows"]["sar · Fisher-free (delta2)"]["vs_sar"]["fusion"]["diff"]
     assert f"{sar_fusion:+.1f} [" in table.split("| sar · Fisher-free (delta2) | ")[1].split("\n")[0]

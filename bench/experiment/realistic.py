@@ -113,14 +113,17 @@ def random_token_prompts(tokenizer_dir: Path, out: Path, n: int, length: int, se
     return out
 
 
-def compute_fishers(fam: Family, store: Path, examples: int, progress: bool) -> dict[str, dict[str, Path]]:
-    """label → variant → support-layout Fisher store (sampled, empirical, random), cached in `store`."""
+def compute_fishers(fam: Family, store: Path, examples: int,
+                    progress: bool) -> tuple[dict[str, dict[str, Path]], float]:
+    """label → variant → support-layout Fisher store (sampled, empirical, random), cached in `store`; and the
+    seconds spent computing the stores that were not cached."""
     from sarmerge.fisher import run_fisher
     from sarmerge.zoo.tasks import get_task
 
     store.mkdir(parents=True, exist_ok=True)
     noise = random_token_prompts(fam.base, store / "random_tokens.jsonl", examples, 32, fam.seed)
     out: dict[str, dict[str, Path]] = {}
+    spent = 0.0
     for label, s in sorted(fam.specialists.items()):
         out[label] = {}
         budget = get_task(s.task).max_new_tokens or 24
@@ -132,9 +135,10 @@ def compute_fishers(fam: Family, store: Path, examples: int, progress: bool) -> 
                 t0 = time.perf_counter()
                 run_fisher(s.path, data, path, mode=mode, examples=examples, support_of=fam.base,
                            max_new_tokens=budget, seed=fam.seed, batch_size=4, overwrite=True, progress=progress)
+                spent += time.perf_counter() - t0
                 log.info("fisher %s %s: %.0f s", label, variant, time.perf_counter() - t0)
             out[label][variant] = path
-    return out
+    return out, spent
 
 
 def merge_raw(fam: Family, parents: list[str], method: str, params: dict[str, Any],
@@ -195,7 +199,8 @@ class Runner:
         return f"{label}|{setting}|{split}|{n}"
 
     def run(self, configs: list[tuple[str, str, dict[str, Any], str | None]], split: str, n: int,
-            progress: bool = True) -> None:
+            progress: bool = True) -> float:
+        """Run the jobs not in raw.json yet; the seconds that took (0 when every result was there)."""
         jobs = []
         for label, method, params, variant in configs:
             for setting, parents in self.settings.items():
@@ -208,7 +213,7 @@ class Runner:
                              "config": merge_raw(self.fam, parents, method, params, self.fishers, variant),
                              "tasks": [(self.tasks[d], n, split, self.fam.seed) for d in domains]})
         if not jobs:
-            return
+            return 0.0
         from tqdm import tqdm
 
         t0 = time.perf_counter()
@@ -219,6 +224,7 @@ class Runner:
                 self.raw_path.write_text(json.dumps(self.raw, indent=0, sort_keys=True) + "\n")
                 bar.update()
         log.info("%d %s jobs in %.0f s (%d workers)", len(jobs), split, time.perf_counter() - t0, self.workers)
+        return time.perf_counter() - t0
 
     def scores(self, label: str, setting: str, split: str, n: int) -> dict[str, list[int]]:
         return {t: [int(c) for c in s] for t, s in self.raw[self.key(label, setting, split, n)].items()}
@@ -278,7 +284,6 @@ def family_key(root: Path) -> str:
 
 
 def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
-    t0 = time.perf_counter()
     fam = read_family(args.family, seed=json.loads((args.family / "family.json").read_text()).get("seed", 0))
     refs = reference_scores(fam)
     test_n = min(len(next(iter(refs["base"].values()))), args.test_n)
@@ -286,13 +291,24 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
     # rebuilt family (same names, new weights) never resumes from the old one's results
     work = args.out / f"family-{family_key(args.family)}"
     work.mkdir(parents=True, exist_ok=True)
-    fishers = compute_fishers(fam, work / "fisher", args.fisher_examples, args.progress)
-    t_fisher = time.perf_counter() - t0
+    # compute seconds summed over the runs that did the work: a resumed run adds only what it computed
+    spent_path = work / "spent.json"
+    spent = json.loads(spent_path.read_text()) if spent_path.exists() else {
+        "fisher": 0.0, "validation": 0.0, "test": 0.0, "load_average": None}
+
+    def add(phase: str, seconds: float) -> None:
+        spent[phase] = round(spent[phase] + seconds, 1)
+        if phase == "test" and seconds:
+            spent["load_average"] = [round(x, 1) for x in os.getloadavg()]
+        spent_path.write_text(json.dumps(spent) + "\n")
+
+    fishers, seconds = compute_fishers(fam, work / "fisher", args.fisher_examples, args.progress)
+    add("fisher", seconds)
     run = Runner(fam, fishers, work, args.workers, args.threads)
     # validation: every method's default and its grid; the best mean (fusion + enhancement units) is its tuned pick
     grid = [(f"{m} {json.dumps(p, sort_keys=True)}", m, p, "sampled") for m, ps in TUNE_GRIDS.items() for p in ps]
     defaults = [(m, m, {}, "sampled") for m in args.methods]
-    run.run([d for d in defaults if d[1] in TUNE_GRIDS] + grid, "val", args.val_n, args.progress)
+    add("validation", run.run([d for d in defaults if d[1] in TUNE_GRIDS] + grid, "val", args.val_n, args.progress))
     tuned: dict[str, dict[str, Any]] = {}
     for m, ps in TUNE_GRIDS.items():
         if m not in args.methods:
@@ -310,8 +326,7 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
                      for m, t in tuned.items()
                      if t["params"] and not any((v[1], v[2]) == (m, t["params"]) for v in variants)]
     configs = [*defaults, *variants, *tuned_configs]
-    t1 = time.perf_counter()
-    run.run(configs, "test", test_n, args.progress)
+    add("test", run.run(configs, "test", test_n, args.progress))
     labels = [c[0] for c in configs]
     return {
         "family": {"root": str(fam.root), "key": fam.meta.get("key"), "model": fam.meta.get("model"),
@@ -323,10 +338,9 @@ def run_experiment(args: argparse.Namespace) -> dict[str, Any]:
         "settings": run.settings, "test_n": test_n, "val_n": args.val_n, "fisher_examples": args.fisher_examples,
         "configs": {c[0]: {"method": c[1], "params": c[2], "fisher": c[3]} for c in configs},
         "tuning": tuned, "rows": summarize(run, labels, test_n, refs),
-        "seconds": {"fisher": round(t_fisher, 1), "validation": round(t1 - t0 - t_fisher, 1),
-                    "test": round(time.perf_counter() - t1, 1)},
+        "seconds": {k: spent[k] for k in ("fisher", "validation", "test")},
         "machine": f"{machine()}; {args.workers} worker processes × {args.threads} torch thread(s)",
-        "load_average": [round(x, 1) for x in os.getloadavg()],
+        "load_average": spent["load_average"],
     }
 
 
@@ -395,9 +409,9 @@ def render(results: dict[str, Any], tiny_summary: str) -> str:
         lines.append(f"- {m}: {means} → {'default' if not t['params'] else json.dumps(t['params'])}")
     secs = results["seconds"]
     lines += ["", "![methods on the SmolLM2 family](docs/experiments/smollm2_methods.png)", "", tiny_summary,
-              "", f"Time: Fisher {secs['fisher']:.0f} s, validation {secs['validation']:.0f} "
-              f"s, test {secs['test']:.0f} s on {results['machine']} (load average at the end "
-              f"{results['load_average']})."]
+              "", f"Time (summed over the runs that computed the results): Fisher {secs['fisher']:.0f} s, "
+              f"validation {secs['validation']:.0f} s, test {secs['test']:.0f} s on {results['machine']} (load "
+              f"average at the end of the test phase {results['load_average']})."]
     return "\n".join(lines)
 
 
