@@ -365,8 +365,9 @@ def render(results: dict[str, Any], tiny_summary: str) -> str:
     lines = [
         "## 5. The RLVR-realistic family: SmolLM2-135M-Instruct trained with TRL's GRPOTrainer",
         "",
-        f"Regenerate: `python -m bench.experiment.realistic --family DIR` (DIR from `sarmerge zoo smollm2-grpo`; "
-        f"raw results in `docs/experiments/smollm2_results.json`). Family key `{fam['key']}`; GRPO "
+        f"Regenerate: `python -m bench.experiment.realistic --family DIR --compare EARLIER.json` (DIR from `sarmerge "
+        f"zoo smollm2-grpo`, EARLIER.json an earlier run's results to tabulate beside; raw results in "
+        f"`docs/experiments/smollm2_results.json`). Family key `{fam['key']}`; GRPO "
         f"{json.dumps(fam['grpo'])}. Base accuracy {json.dumps(fam['base_accuracy'])} on the family's own held-out "
         f"test problems; the merges below are scored on the first {results['test_n']} of them per task.",
         "",
