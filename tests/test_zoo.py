@@ -162,6 +162,15 @@ def test_unknown_task_and_bad_split_name_the_value() -> None:
         get_task("math").generate(3, split="dev")
 
 
+@pytest.mark.parametrize(("flags", "named"), [(["--workers", "0"], "workers=0"), (["--steps", "0"], "steps=0"),
+                                                (["--group", "1"], "group=1"), (["--tasks", "math_nl,nope"], "'nope'")])
+def test_smollm2_grpo_bad_settings_fail_before_any_work(tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                                                         flags: list[str], named: str) -> None:
+    """One clear error naming the value, a non-zero exit, and no output folder (checked before conversion or TRL)."""
+    assert main(["zoo", "smollm2-grpo", "--out", str(tmp_path / "fam"), *flags]) != 0
+    assert named in capsys.readouterr().err and not (tmp_path / "fam").exists()
+
+
 def test_chat_prompt_uses_the_tokenizer_template() -> None:
     _, tok = tiny_model(0)
     assert chat_prompt(tok, "3+4") == "3+4="
