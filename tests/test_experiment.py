@@ -199,6 +199,22 @@ def test_replace_block_keeps_everything_outside_the_markers(tmp_path):
         replace_block(doc, "<!-- a -->", "<!-- /a -->", "t")
 
 
+@pytest.mark.parametrize("content", ["not json", '{"rows": {}}', '{"family": {"grpo": {"steps": 20}, "key": "k"}, '
+                                     '"rows": {"sar": {"fusion_mean": 0.3}}}'])
+def test_realistic_bad_compare_file_fails_before_any_work(tmp_path, capsys, content):
+    from bench.experiment import realistic
+
+    bad = tmp_path / "earlier.json"
+    bad.write_text(content)
+    doc = tmp_path / "EXPERIMENTS.md"
+    doc.write_text("<!-- realistic:begin -->\nold\n<!-- realistic:end -->\n")
+    argv = ["--family", str(tmp_path / "no-family"), "--out", str(tmp_path / "out"), "--compare", str(bad),
+            "--experiments", str(doc), "--plots-dir", str(tmp_path / "plots")]
+    assert realistic.main(argv) != 0
+    assert str(bad) in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() and not (tmp_path / "plots").exists() and "old" in doc.read_text()
+
+
 def test_realistic_experiment_end_to_end_on_the_tiny_family(tiny_family, tmp_path):
     """The realistic family's driver on a copy of the tiny family given per-problem scores.json and paired gains
     (what `sarmerge zoo smollm2-grpo` records): real Fisher (three variants), real merges, real scoring, the report

@@ -416,6 +416,23 @@ def render(results: dict[str, Any], tiny_summary: str) -> str:
     return "\n".join(lines)
 
 
+def read_earlier(path: Path) -> dict[str, Any]:
+    """An earlier run's smollm2_results.json for --compare, checked for what compare_table reads."""
+    try:
+        earlier = json.loads(path.read_text())
+        steps, key = earlier["family"]["grpo"]["steps"], earlier["family"]["key"]
+        rows = earlier["rows"]
+        for label, row in rows.items():
+            for k in ("fusion_mean", "enhance_mean", "vs_sar"):
+                if k not in row:
+                    raise SarmergeError(f"{path}: rows[{label!r}] has no {k!r}")
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise SarmergeError(f"{path}: not a smollm2_results.json written by this experiment ({e!r})") from None
+    if not isinstance(steps, int) or not isinstance(key, str):
+        raise SarmergeError(f"{path}: family.grpo.steps and family.key must be an integer and a string")
+    return earlier
+
+
 def compare_table(results: dict[str, Any], earlier: dict[str, Any]) -> str:
     """Every merge of this run beside the same label in an earlier run's results (another family build)."""
     def name(r: dict[str, Any]) -> str:
@@ -506,13 +523,14 @@ def main(argv: list[str] | None = None) -> int:
         if "sar" not in args.methods:
             raise SarmergeError("--methods must include sar (every comparison is against it)")
         args.family = args.family.resolve()
+        earlier = read_earlier(args.compare) if args.compare is not None else None  # before an hour of work
         results = run_experiment(args)
         args.plots_dir.mkdir(parents=True, exist_ok=True)
         (args.plots_dir / "smollm2_results.json").write_text(json.dumps(results, indent=1) + "\n")
         plot(results, args.plots_dir / "smollm2_methods.png")
         text = render(results, tiny_side_by_side())
-        if args.compare is not None:
-            text += "\n\n" + compare_table(results, json.loads(args.compare.read_text()))
+        if earlier is not None:
+            text += "\n\n" + compare_table(results, earlier)
         replace_block(args.experiments, BEGIN, END, text)
         print(text)
 
