@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> int:
             "",
             "At full size (the default 40 steps, 200 test problems) `--workers 2` built the family in 38 min wall on "
             "an idle machine; the serial build before `--workers` existed took 117 min beside other jobs (not the "
-            "same run, so no ratio is claimed from it; README, Model zoo).",
+            "same run, so no ratio is claimed from it; README, Model zoo). At test size the serial parts dominate: "
+            "the base is scored once in the parent, and each worker imports torch, transformers and TRL and loads "
+            "the base itself (the CPU column's extra ~40 s).",
         ])
         print(text)
         if args.write:
