@@ -496,8 +496,8 @@ def tiny_side_by_side() -> str:
     f = ROOT / "docs" / "experiments" / "results.json"
     if not f.exists():
         return "The tiny family's results (docs/experiments/results.json) are not present."
-    return ("Side by side with the tiny family: see §1–§4 above (docs/experiments/results.json); the table in §4 "
-            "(geometry against the literature) compares the two families' update geometry.")
+    return ("Side by side with the tiny family: see §1–§4 above (docs/experiments/results.json); the section "
+            "\"Geometry against RLVR's reported signatures\" compares the families' update geometry.")
 
 
 def main(argv: list[str] | None = None) -> int:
